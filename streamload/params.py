@@ -1,0 +1,241 @@
+"""Load parameters: what the caller asks for, parsed at the edge into types.
+
+``LoadParams`` is the one object a server builds; everything below it takes typed values, never
+strings such as ``"1GB"`` or ``"balanced"``. Unknown or inconsistent values raise ``ValueError``
+at construction, so a bad setting fails before any file is opened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, TypeAlias
+
+import torch
+
+if TYPE_CHECKING:
+    from streamload.devices import Device
+
+__all__ = [
+    "ContextSize",
+    "CpuPolicy",
+    "LoadParams",
+    "MbAmount",
+    "PagedAttention",
+    "PagedMemory",
+    "Utilization",
+    "VisionParams",
+    "dtype_code",
+    "parse_dtype",
+]
+
+MiB = 2**20
+GiB = 2**30
+
+CpuPolicy: TypeAlias = Literal["copy", "mmap"]
+
+# torch dtype <-> safetensors dtype code; the planner and model work with codes.
+_TORCH_TO_CODE: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+_DTYPE_ALIASES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "f16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "f32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """``"bf16" | "bfloat16" | torch.bfloat16 -> torch.bfloat16``; ``None`` stays ``None``."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    key = value.strip().lower().removeprefix("torch.")
+    try:
+        return _DTYPE_ALIASES[key]
+    except KeyError:
+        known = ", ".join(sorted(_DTYPE_ALIASES))
+        raise ValueError(f"unknown dtype {value!r}; expected one of: {known}") from None
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors dtype code for a torch dtype (``torch.bfloat16 -> "BF16"``)."""
+    try:
+        return _TORCH_TO_CODE[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} has no safetensors code") from None
+
+
+@dataclass(frozen=True, slots=True)
+class MbAmount:
+    """Paged KV pool of a fixed size, in MiB, shared by all layers (mistral.rs ``MbAmount``)."""
+
+    mib: int
+
+    def __post_init__(self) -> None:
+        if self.mib <= 0:
+            raise ValueError(f"MbAmount must be positive, got {self.mib}")
+
+
+@dataclass(frozen=True, slots=True)
+class Utilization:
+    """Use this fraction of each GPU's *total* memory for weights, activations and KV pool;
+    the pool takes what the weights leave (mistral.rs ``Utilization``, vLLM's
+    ``gpu_memory_utilization``)."""
+
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"Utilization must be in (0, 1], got {self.fraction}")
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSize:
+    """Paged KV pool holding this many tokens in every layer (mistral.rs ``ContextSize``)."""
+
+    tokens: int
+
+    def __post_init__(self) -> None:
+        if self.tokens <= 0:
+            raise ValueError(f"ContextSize must be positive, got {self.tokens}")
+
+
+PagedMemory: TypeAlias = MbAmount | Utilization | ContextSize
+
+
+@dataclass(frozen=True, slots=True)
+class PagedAttention:
+    """Paged-attention KV cache settings.
+
+    ``memory=None`` means a pool for ``max_seq_len x max_batch_size`` tokens (``ContextSize``).
+    ``cache_dtype=None`` means the model's activation dtype (the load dtype, else the stored
+    float dtype). A plan that puts any layer on the CPU falls back to non-paged KV sizing and
+    records why (``Plan.paged_attention_reason``).
+    """
+
+    memory: PagedMemory | None = None
+    block_size: int = 32
+    cache_dtype: torch.dtype | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        object.__setattr__(self, "cache_dtype", parse_dtype(self.cache_dtype))
+
+
+@dataclass(frozen=True, slots=True)
+class VisionParams:
+    """Largest images a vision model will be asked to process, for the activation estimate."""
+
+    max_image_shape: tuple[int, int] = (1024, 1024)
+    max_num_images: int = 1
+
+    def __post_init__(self) -> None:
+        h, w = self.max_image_shape
+        if h <= 0 or w <= 0 or self.max_num_images <= 0:
+            raise ValueError(f"invalid vision params: {self}")
+
+
+def _default_devices() -> Literal["auto"]:
+    return "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadParams:
+    """Everything a load or a plan depends on besides the checkpoint.
+
+    Devices: ``"auto"`` (every visible CUDA GPU in CUDA order, then the CPU) or a list of
+    ``"cuda:N"``, ``"cpu"`` and ``Device`` objects (such as ``streamload.testing.SimulatedGPU``),
+    filled in the order given; the CPU, if listed, must come last.
+
+    Reserve per GPU is ``max(reserve_fraction x total, reserve_min_bytes)``. The CPU's budget is
+    the host's available memory (or ``cpu_memory_bytes`` when given) minus
+    ``host_reserve_bytes``.
+
+    ``staging_bytes`` bounds host memory used to stage tensors for staged devices; it does not
+    grow with the model. ``reader_threads`` reads run at once; ``chunk_bytes`` is the read size.
+    ``max_replans`` bounds live re-plans during one load.
+    """
+
+    devices: Literal["auto"] | Sequence[str | Device] = field(default_factory=_default_devices)
+    dtype: torch.dtype | str | None = None
+    max_seq_len: int = 4096
+    max_batch_size: int = 1
+    paged_attention: PagedAttention | None = None
+    vision: VisionParams | None = None
+    reserve_fraction: float = 0.02
+    reserve_min_bytes: int = 512 * MiB
+    cpu_policy: CpuPolicy = "copy"
+    cpu_memory_bytes: int | None = None
+    host_reserve_bytes: int = 2 * GiB
+    attention_chunk: int = 1024
+    staging_bytes: int = 256 * MiB
+    chunk_bytes: int = 16 * MiB
+    reader_threads: int = 4
+    max_replans: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if not isinstance(self.devices, str):
+            object.__setattr__(self, "devices", tuple(self.devices))
+        elif self.devices != "auto":
+            raise ValueError(f"devices must be 'auto' or a list, got {self.devices!r}")
+        positive = {
+            "max_seq_len": self.max_seq_len,
+            "max_batch_size": self.max_batch_size,
+            "attention_chunk": self.attention_chunk,
+            "staging_bytes": self.staging_bytes,
+            "chunk_bytes": self.chunk_bytes,
+            "reader_threads": self.reader_threads,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 0.0 <= self.reserve_fraction < 1.0:
+            raise ValueError(f"reserve_fraction must be in [0, 1), got {self.reserve_fraction}")
+        if self.reserve_min_bytes < 0 or self.host_reserve_bytes < 0 or self.max_replans < 0:
+            raise ValueError("reserve_min_bytes, host_reserve_bytes, max_replans must be >= 0")
+        if self.cpu_policy not in ("copy", "mmap"):
+            raise ValueError(f"cpu_policy must be 'copy' or 'mmap', got {self.cpu_policy!r}")
+        if self.cpu_memory_bytes is not None and self.cpu_memory_bytes < 0:
+            raise ValueError(f"cpu_memory_bytes must be >= 0, got {self.cpu_memory_bytes}")
+        if self.staging_bytes < self.chunk_bytes:
+            raise ValueError("staging_bytes must be at least chunk_bytes")
+
+    @property
+    def target_dtype(self) -> torch.dtype | None:
+        """``dtype`` after parsing (never a string)."""
+        assert not isinstance(self.dtype, str)
+        return self.dtype
+
+    @property
+    def target_code(self) -> str | None:
+        """The safetensors code of the target dtype, or ``None`` for as-stored."""
+        dtype = self.target_dtype
+        return None if dtype is None else dtype_code(dtype)
+
+    def reserve_for(self, total_bytes: int) -> int:
+        """Per-GPU reserve: ``max(reserve_fraction x total, reserve_min_bytes)``."""
+        return max(int(self.reserve_fraction * total_bytes), self.reserve_min_bytes)
