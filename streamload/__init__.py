@@ -1,1 +1,71 @@
-"""streamload."""
+"""streamload: stream safetensors checkpoints onto GPUs and the CPU from async programs.
+
+    model = await streamload.load("path/to/checkpoint", streamload.LoadParams())
+
+See ``streamload.load`` (async), ``streamload.plan`` and ``streamload.inspect`` (sync, headers
+only), ``streamload.events`` for what a load reports, and ``streamload.testing`` for simulated
+GPUs and checkpoint writers.
+"""
+
+from streamload import events
+from streamload._api import inspect, plan
+from streamload.engine import LoadedModel, load
+from streamload.errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptHeaderError,
+    DeviceError,
+    DoesNotFitError,
+    IndexMismatchError,
+    LoadError,
+    MissingShardError,
+    PlanError,
+    ReplanLimitError,
+    StreamloadError,
+    TruncatedDataError,
+    UnsupportedDtypeError,
+)
+from streamload.events import LoadReport
+from streamload.model import ModelSpec
+from streamload.params import (
+    ContextSize,
+    LoadParams,
+    MbAmount,
+    PagedAttention,
+    Utilization,
+    VisionParams,
+)
+from streamload.planner import DevicePlan, Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ContextSize",
+    "CorruptHeaderError",
+    "DeviceError",
+    "DevicePlan",
+    "DoesNotFitError",
+    "IndexMismatchError",
+    "LoadError",
+    "LoadParams",
+    "LoadReport",
+    "LoadedModel",
+    "MbAmount",
+    "MissingShardError",
+    "ModelSpec",
+    "PagedAttention",
+    "Plan",
+    "PlanError",
+    "ReplanLimitError",
+    "StreamloadError",
+    "TruncatedDataError",
+    "UnsupportedDtypeError",
+    "Utilization",
+    "VisionParams",
+    "events",
+    "inspect",
+    "load",
+    "plan",
+]

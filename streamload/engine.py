@@ -1,0 +1,823 @@
+"""The async load: plan, stream tensors layer by layer, recheck live memory, re-plan, report.
+
+``load`` runs on the caller's event loop and never blocks it: header parsing, device probes,
+allocations, file reads, copies and dtype conversions all run in worker threads
+(``anyio.to_thread.run_sync``; reads under a ``CapacityLimiter`` of ``params.reader_threads``).
+
+Pipeline. Units are streamed in plan order: the non-mapped parts (on the primary device), then
+layers 0..n-1. At most two units are in flight: unit k + 2 is not allocated before unit k is
+finished and its ``LayerPlaced`` delivered, so reads of the next layer overlap the copies and
+conversion of the current one while memory readings stay exact. For each unit:
+
+1. *Recheck* (GPUs): live free bytes (minus what other loads in this process hold) plus this
+   load's transient buffers must cover what the device's plan still needs: remaining planned
+   weights + KV of all its layers + its activations + its reserve. Otherwise re-plan the layers
+   not yet placed (``planner.replan``) and emit ``Replanned``; placed layers never move.
+2. *Allocate* final tensors (target dtype) and, for tensors whose dtype changes, a raw buffer in
+   the stored dtype. ``torch.OutOfMemoryError`` frees the unit's buffers and re-plans too.
+3. *Read*: runs of adjacent tensors are cut into chunks of ``params.chunk_bytes``. Staged devices
+   (CUDA, ``SimulatedGPU``) read each chunk into a slot of a host staging ring (pinned on CUDA;
+   ``params.staging_bytes`` in all, independent of the model's size) and copy it to the device;
+   a slot is refilled only after its copy's fence completes. Unstaged devices (the CPU) are read
+   into directly with ``os.preadv``. CPU layers under ``cpu_policy="mmap"`` that keep their
+   stored dtype are memory-mapped from the checkpoint instead (copy-on-write, zero copy).
+4. *Finish*: wait the unit's fences, convert raw buffers into the final tensors on the
+   destination device, free the raw buffers, emit ``LayerPlaced``.
+
+Cancellation and failure: every tensor the load placed is released (a simulated GPU's ledger
+returns to where it was), reader threads finish (they are not abandoned), every file descriptor
+is closed, reservations are dropped; a ``LoadFailed`` event is emitted; cancellation propagates
+unchanged and any other error surfaces as a ``StreamloadError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import mmap
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import anyio
+import anyio.to_thread
+import torch
+
+from streamload import planner
+from streamload.checkpoint import FLOAT_CODES, TensorEntry
+from streamload.devices import RESERVATIONS, Device, Fence, resolve_devices
+from streamload.errors import (
+    CheckpointError,
+    LoadError,
+    ReplanLimitError,
+    StreamloadError,
+    TruncatedDataError,
+)
+from streamload.events import (
+    DeviceReport,
+    Event,
+    EventCallback,
+    LayerPlaced,
+    LoadFailed,
+    LoadFinished,
+    LoadReport,
+    PagedAttentionDisabled,
+    PlanComputed,
+    Replanned,
+    emit,
+)
+from streamload.model import ModelSpec, inspect
+from streamload.params import LoadParams
+from streamload.planner import DeviceCapacity, Plan
+
+__all__ = ["LoadedModel", "capacities", "load", "torch_dtype"]
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+_MAX_PIECES_PER_CHUNK = 512  # well under IOV_MAX (1024) for one preadv
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype for a safetensors dtype code (``"BF16" -> torch.bfloat16``)."""
+    return _TORCH_DTYPES[code]
+
+
+def capacities(devices: Sequence[Device], params: LoadParams) -> list[DeviceCapacity]:
+    """Live capacities of ``devices`` as the planner takes them (blocking: probes devices).
+
+    Bytes other loads in this process hold on a device are subtracted from its free bytes.
+    """
+    rows = []
+    for device in devices:
+        free = device.live_free_bytes() - RESERVATIONS.held_by_others(None, device.name)
+        rows.append(
+            DeviceCapacity(
+                name=device.name,
+                is_gpu=device.is_gpu,
+                total_bytes=device.total_bytes(),
+                free_bytes=max(free, 0),
+            )
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Units, chunks and the staging ring
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """A layer (``layer`` set) or a non-mapped part (``part`` set) streamed as one step."""
+
+    layer: int | None
+    part: str | None
+    entries: tuple[TensorEntry, ...]
+    nbytes: int
+    stored_bytes: int
+
+
+@dataclass(slots=True)
+class _Piece:
+    dst: torch.Tensor  # uint8 view of the destination (raw) bytes
+    at: int  # offset inside the chunk
+    tensor: str
+
+
+@dataclass(slots=True)
+class _Chunk:
+    path: Path
+    offset: int
+    nbytes: int = 0
+    pieces: list[_Piece] = field(default_factory=list)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat ``uint8`` view of a contiguous tensor's bytes."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _cut_chunks(
+    items: Sequence[tuple[TensorEntry, torch.Tensor]], chunk_bytes: int
+) -> list[_Chunk]:
+    """Cut file-adjacent tensors into reads of at most ``chunk_bytes``."""
+    chunks: list[_Chunk] = []
+    current: _Chunk | None = None
+    for entry, dst in sorted(items, key=lambda item: (str(item[0].path), item[0].offset)):
+        pos = 0
+        while pos < entry.nbytes:
+            start = entry.offset + pos
+            if (
+                current is None
+                or current.path != entry.path
+                or current.end != start
+                or current.nbytes >= chunk_bytes
+                or len(current.pieces) >= _MAX_PIECES_PER_CHUNK
+            ):
+                current = _Chunk(entry.path, start)
+                chunks.append(current)
+            take = min(entry.nbytes - pos, chunk_bytes - current.nbytes)
+            current.pieces.append(_Piece(dst[pos : pos + take], current.nbytes, entry.name))
+            current.nbytes += take
+            pos += take
+    return chunks
+
+
+@dataclass(slots=True)
+class _Slot:
+    buffer: torch.Tensor  # uint8 host buffer (pinned on CUDA)
+    view: memoryview  # writable view of the same bytes, for preadv
+    fence: Fence | None = None
+
+
+class _StagingRing:
+    """Fixed host buffers reused in turn; a slot is refilled only after its copy's fence."""
+
+    def __init__(self, device: Device, slots: int, slot_bytes: int) -> None:
+        self.slot_bytes = slot_bytes
+        self._send, self._receive = anyio.create_memory_object_stream[_Slot](slots)
+        self._slots: list[_Slot] = []
+        for _ in range(slots):
+            buffer = device.host_buffer(slot_bytes)
+            slot = _Slot(buffer, memoryview(buffer.numpy()).cast("B"))
+            self._slots.append(slot)
+            self._send.send_nowait(slot)
+
+    @property
+    def nbytes(self) -> int:
+        return self.slot_bytes * len(self._slots)
+
+    async def acquire(self) -> _Slot:
+        return await self._receive.receive()
+
+    def release(self, slot: _Slot) -> None:
+        self._send.send_nowait(slot)
+
+    def close(self) -> None:
+        """Wait for outstanding copies (blocking) and drop the buffers."""
+        for slot in self._slots:
+            if slot.fence is not None:
+                slot.fence.wait()
+            slot.view.release()
+        self._slots.clear()
+        self._send.close()
+        self._receive.close()
+
+
+class _Files:
+    """One read-only descriptor per shard for the whole load, checked against the headers."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self._fds: dict[Path, int] = {}
+        self._sizes = {shard.path: shard.file_size for shard in spec.checkpoint.shards}
+
+    def fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise CheckpointError(path, f"cannot open: {exc.strerror}") from exc
+            self._fds[path] = fd
+            size = os.fstat(fd).st_size
+            if size != self._sizes[path]:
+                raise TruncatedDataError(
+                    path,
+                    f"file changed since its header was read: {size} bytes, "
+                    f"expected {self._sizes[path]}",
+                )
+        return fd
+
+    def close(self) -> None:
+        while self._fds:
+            _, fd = self._fds.popitem()
+            os.close(fd)
+
+
+def _read_into(fd: int, views: list[memoryview], offset: int, path: Path, tensor: str) -> None:
+    """Fill ``views`` from ``fd`` at ``offset``; a short file is ``TruncatedDataError``."""
+    pending = [v for v in views if v.nbytes]
+    while pending:
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, pending, offset)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, pending[0].nbytes, offset)
+            pending[0][: len(data)] = data
+            got = len(data)
+        if got == 0:
+            raise TruncatedDataError(
+                path, f"file ends at byte {offset}, before the tensor's data", tensor=tensor
+            )
+        offset += got
+        while pending and got >= pending[0].nbytes:
+            got -= pending[0].nbytes
+            pending.pop(0)
+        if got:
+            pending[0] = pending[0][got:]
+
+
+# --------------------------------------------------------------------------------------------
+# One unit in flight
+
+
+@dataclass(slots=True)
+class _InFlight:
+    unit: _Unit
+    device: Device
+    final: dict[str, torch.Tensor]  # name -> tensor on the device, target dtype
+    raw: dict[str, torch.Tensor]  # name -> stored-dtype buffer on the device (converted only)
+    chunks: list[_Chunk]
+    raw_bytes: int
+    started: float
+    free_before: int
+    fences: list[Fence] = field(default_factory=list)
+    error: BaseException | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def drop(self) -> None:
+        self.final.clear()
+        self.raw.clear()
+        self.chunks.clear()
+        self.fences.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# The load
+
+
+class LoadedModel:
+    """A loaded checkpoint: ``tensors`` by checkpoint name, each on its final device.
+
+    ``plan`` is the plan actually used (after any re-plan), ``report`` what the load did,
+    ``device_map`` the placement in Hugging Face form (module prefix -> device name). Tensors on
+    a ``SimulatedGPU`` live in host memory and are mapped to its name (``"sim:0"``).
+
+    ``release()`` drops every reference the library holds; device memory returns once the
+    caller's own references to the tensors are gone too. ``async with await load(...) as m:``
+    releases on exit.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        plan: Plan,
+        report: LoadReport,
+        spec: ModelSpec,
+    ) -> None:
+        self.tensors = tensors
+        self.plan = plan
+        self.report = report
+        self.spec = spec
+        self.device_map = _device_map(spec, plan)
+
+    def release(self) -> None:
+        """Drop every tensor reference the library holds (idempotent)."""
+        self.tensors.clear()
+
+    async def __aenter__(self) -> LoadedModel:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return (
+            f"LoadedModel({self.report.path!r}, tensors={len(self.tensors)}, "
+            f"devices={[d.device for d in self.report.devices]})"
+        )
+
+
+def _device_map(spec: ModelSpec, plan: Plan) -> dict[str, str]:
+    mapping = {part.name: plan.primary for part in spec.non_mapped}
+    for layer in spec.layers:
+        mapping[layer.prefix] = plan.layer_devices[layer.index]
+    return mapping
+
+
+def _units(spec: ModelSpec) -> list[_Unit]:
+    entries = spec.checkpoint.tensors
+    units = []
+    for part in spec.non_mapped:
+        got = tuple(entries[name] for name in part.tensors)
+        units.append(_Unit(None, part.name, got, part.nbytes, part.stored_bytes))
+    for layer in spec.layers:
+        got = tuple(entries[name] for name in layer.tensors)
+        units.append(_Unit(layer.index, None, got, layer.nbytes, layer.stored_bytes))
+    return units
+
+
+class _Load:
+    def __init__(self, path: str | Path, params: LoadParams, on_event: EventCallback | None):
+        self.path = Path(path)
+        self.params = params
+        self.on_event = on_event
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.inflight: deque[_InFlight] = deque()
+        self.replans: list[Replanned] = []
+        self.fallbacks: list[PagedAttentionDisabled] = []
+        self.placed_bytes: dict[str, int] = {}
+        self.transient: dict[str, int] = {}
+        self.device_stats: dict[str, list[float]] = {}
+        self.files: _Files | None = None
+        self.ring: _StagingRing | None = None
+        self.limiter = anyio.CapacityLimiter(params.reader_threads)
+        self.target = params.target_code
+        self.units_done = 0
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _emit(self, event: Event) -> None:
+        await emit(event, self.on_event)
+
+    def _converts(self, entry: TensorEntry) -> bool:
+        return self.target is not None and entry.dtype in FLOAT_CODES and entry.dtype != self.target
+
+    def _live_free(self, device: Device) -> int:
+        return device.live_free_bytes() - RESERVATIONS.held_by_others(self, device.name)
+
+    def _need_rest(self, device: str, next_layer: int, parts_left: int) -> int:
+        """What ``device``'s plan still needs: unplaced weights + KV + activations + reserve."""
+        plan = self.plan
+        row = plan.device(device)
+        weights = sum(
+            self.spec.layers[i].nbytes
+            for i in range(next_layer, len(plan.layer_devices))
+            if plan.layer_devices[i] == device
+        )
+        if device == plan.primary:
+            weights += parts_left
+        kv = sum(
+            kv for d, kv in zip(plan.layer_devices, plan.layer_kv_bytes, strict=True) if d == device
+        )
+        return weights + kv + row.activation_bytes + row.reserve_bytes
+
+    def _reserve(self, next_layer: int, parts_left: int) -> None:
+        """Hold, for other loads in this process, what this load still needs per device."""
+        RESERVATIONS.release_all(self)
+        for row in self.plan.devices:
+            if not row.is_gpu:
+                continue
+            held = self._need_rest(row.device, next_layer, parts_left) - row.reserve_bytes
+            if held > 0:
+                RESERVATIONS.reserve(self, row.device, held)
+
+    def _live_capacities(self) -> list[DeviceCapacity]:
+        rows = []
+        for row in self.plan.devices:
+            device = self.devices[row.device]
+            rows.append(
+                DeviceCapacity(
+                    name=device.name,
+                    is_gpu=device.is_gpu,
+                    total_bytes=device.total_bytes(),
+                    free_bytes=max(self._live_free(device) + self.transient.get(row.device, 0), 0),
+                )
+            )
+        return rows
+
+    # -- the steps ----------------------------------------------------------------------------
+
+    async def run(self) -> LoadedModel:
+        started = time.perf_counter()
+        try:
+            return await self._run(started)
+        except BaseException as exc:
+            self._release()
+            error = _single(exc)
+            with anyio.CancelScope(shield=True):
+                await self._emit(LoadFailed(error))
+            if isinstance(error, anyio.get_cancelled_exc_class()) or not isinstance(
+                error, Exception
+            ):
+                raise
+            if isinstance(error, StreamloadError):
+                raise error  # noqa: B904 - keeps the cause it was raised with
+            raise LoadError(f"{type(error).__name__}: {error}") from error
+        finally:
+            RESERVATIONS.release_all(self)
+            await anyio.to_thread.run_sync(self._close)
+
+    async def _run(self, started: float) -> LoadedModel:
+        params = self.params
+        self.spec = await anyio.to_thread.run_sync(
+            lambda: inspect(self.path, target_dtype=self.target)
+        )
+        devices = await anyio.to_thread.run_sync(resolve_devices, params.devices)
+        self.devices = {device.name: device for device in devices}
+        caps = await anyio.to_thread.run_sync(capacities, devices, params)
+        plan_started = time.perf_counter()
+        self.plan = await anyio.to_thread.run_sync(planner.plan, self.spec, caps, params)
+        plan_seconds = time.perf_counter() - plan_started
+        self._reserve(0, self.spec.non_mapped_bytes)
+        await self._emit(PlanComputed(self.plan, str(self.path), plan_seconds))
+        if self.plan.paged_attention_reason is not None:
+            await self._fallback(self.plan.paged_attention_reason)
+        self.files = _Files(self.spec)
+
+        async with anyio.create_task_group() as group:
+            await self._stream(group)
+
+        for alias, source in self.spec.tied.items():
+            self.tensors[alias] = self.tensors[source]
+        report = self._report(time.perf_counter() - started, plan_seconds)
+        await self._emit(LoadFinished(report))
+        model = LoadedModel(self.tensors, self.plan, report, self.spec)
+        self.tensors = {}
+        return model
+
+    async def _fallback(self, reason: str) -> None:
+        event = PagedAttentionDisabled(reason)
+        self.fallbacks.append(event)
+        await self._emit(event)
+
+    async def _stream(self, group: anyio.abc.TaskGroup) -> None:
+        units = _units(self.spec)
+        parts_left = self.spec.non_mapped_bytes
+        for unit in units:
+            while len(self.inflight) >= 2:
+                await self._finish(self.inflight.popleft())
+            flight = await self._allocate(unit, parts_left)
+            if unit.layer is None:
+                parts_left -= unit.nbytes
+            self._reserve(unit.layer + 1 if unit.layer is not None else 0, parts_left)
+            self.inflight.append(flight)
+            group.start_soon(self._fill, flight)
+        while self.inflight:
+            await self._finish(self.inflight.popleft())
+
+    def _device_for(self, unit: _Unit) -> Device:
+        name = self.plan.primary if unit.layer is None else self.plan.layer_devices[unit.layer]
+        return self.devices[name]
+
+    async def _allocate(self, unit: _Unit, parts_left: int) -> _InFlight:
+        next_layer = 0 if unit.layer is None else unit.layer
+        while True:
+            device = self._device_for(unit)
+            live = await anyio.to_thread.run_sync(self._live_free, device)
+            if device.is_gpu:
+                have = live + self.transient.get(device.name, 0)
+                need = self._need_rest(device.name, next_layer, parts_left)
+                if have < need:
+                    reason = "under-delivered: live free memory is below what its plan still needs"
+                    await self._replan(unit, device.name, reason, need, have, parts_left)
+                    continue
+            try:
+                return await anyio.to_thread.run_sync(self._allocate_sync, unit, device, live)
+            except torch.OutOfMemoryError as exc:
+                need = self._need_rest(device.name, next_layer, parts_left)
+                reason = f"allocation failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+                del exc
+                await self._replan(unit, device.name, reason, need, live, parts_left)
+
+    def _allocate_sync(self, unit: _Unit, device: Device, live: int) -> _InFlight:
+        final: dict[str, torch.Tensor] = {}
+        raw: dict[str, torch.Tensor] = {}
+        items: list[tuple[TensorEntry, torch.Tensor]] = []
+        mmap_ok = not device.is_gpu and not device.staged and self.params.cpu_policy == "mmap"
+        try:
+            for entry in unit.entries:
+                stored = torch_dtype(entry.dtype)
+                if self._converts(entry):
+                    assert self.target is not None
+                    final[entry.name] = device.empty(entry.shape, torch_dtype(self.target))
+                    raw[entry.name] = device.empty(entry.shape, stored)
+                    items.append((entry, _byte_view(raw[entry.name])))
+                elif mmap_ok:
+                    final[entry.name] = self._mmap(entry, stored)
+                else:
+                    final[entry.name] = device.empty(entry.shape, stored)
+                    items.append((entry, _byte_view(final[entry.name])))
+        except BaseException:
+            final.clear()
+            raw.clear()
+            items.clear()
+            raise
+        raw_bytes = sum(t.nbytes for t in raw.values())
+        self.transient[device.name] = self.transient.get(device.name, 0) + raw_bytes
+        chunks = _cut_chunks(items, self.params.chunk_bytes)
+        items.clear()
+        return _InFlight(unit, device, final, raw, chunks, raw_bytes, time.perf_counter(), live)
+
+    def _mmap(self, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
+        """A copy-on-write memory map of ``entry``'s bytes (zero copy; page cache backed)."""
+        assert self.files is not None
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        fd = self.files.fd(entry.path)
+        page = mmap.ALLOCATIONGRANULARITY
+        start = entry.offset - entry.offset % page
+        mapping = mmap.mmap(fd, entry.end - start, access=mmap.ACCESS_COPY, offset=start)
+        flat = torch.frombuffer(
+            mapping, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset - start
+        )
+        return flat.view(dtype).view(entry.shape)
+
+    async def _replan(
+        self,
+        unit: _Unit,
+        device: str,
+        reason: str,
+        expected: int,
+        live: int,
+        parts_left: int,
+    ) -> None:
+        if len(self.replans) >= self.params.max_replans:
+            raise ReplanLimitError(
+                f"still under-delivering after {len(self.replans)} re-plans ({reason})",
+                layer=unit.layer,
+                device=device,
+            )
+        old = self.plan
+        caps = await anyio.to_thread.run_sync(self._live_capacities)
+        if unit.layer is None:
+            # Nothing but (some) non-mapped parts is placed: plan afresh, counting the parts
+            # already placed on the primary as free again (the planner charges all of them).
+            placed = self.spec.non_mapped_bytes - parts_left
+            caps = [
+                cap
+                if cap.name != old.primary
+                else dataclasses.replace(cap, free_bytes=cap.free_bytes + placed)
+                for cap in caps
+            ]
+            new = await anyio.to_thread.run_sync(planner.plan, self.spec, caps, self.params)
+        else:
+            new = await anyio.to_thread.run_sync(
+                lambda: planner.replan(
+                    self.spec, old, placed=unit.layer or 0, capacities=caps, params=self.params
+                )
+            )
+        self.plan = new
+        event = Replanned(
+            device=device,
+            reason=reason,
+            expected_free=expected,
+            live_free=live,
+            old_layer_devices=old.layer_devices,
+            new_layer_devices=new.layer_devices,
+            at_layer=unit.layer,
+        )
+        self.replans.append(event)
+        await self._emit(event)
+        if old.paged_attention and not new.paged_attention:
+            await self._fallback(new.paged_attention_reason or "the re-plan needs the CPU")
+        self._reserve(unit.layer or 0, parts_left)
+
+    async def _fill(self, flight: _InFlight) -> None:
+        """Read (and copy) every chunk of one unit; errors are kept for ``_finish``."""
+        try:
+            async with anyio.create_task_group() as group:
+                for chunk in flight.chunks:
+                    group.start_soon(self._chunk, flight, chunk)
+        except Exception as exc:
+            flight.error = _single(exc)
+        finally:
+            flight.done.set()
+
+    async def _chunk(self, flight: _InFlight, chunk: _Chunk) -> None:
+        files = self.files
+        assert files is not None
+        if not flight.device.staged:
+            await anyio.to_thread.run_sync(self._read_direct, files, chunk, limiter=self.limiter)
+            return
+        ring = self._ring(flight.device)
+        slot = await ring.acquire()
+        try:
+            fence = await anyio.to_thread.run_sync(
+                self._read_staged, files, flight.device, chunk, slot, limiter=self.limiter
+            )
+            flight.fences.append(fence)
+        finally:
+            ring.release(slot)
+
+    def _ring(self, device: Device) -> _StagingRing:
+        if self.ring is None:
+            params = self.params
+            slots = max(2, params.staging_bytes // params.chunk_bytes)
+            self.ring = _StagingRing(device, slots, params.chunk_bytes)
+        return self.ring
+
+    @staticmethod
+    def _read_direct(files: _Files, chunk: _Chunk) -> None:
+        views = [memoryview(piece.dst.numpy()).cast("B") for piece in chunk.pieces]
+        try:
+            _read_into(
+                files.fd(chunk.path), views, chunk.offset, chunk.path, chunk.pieces[0].tensor
+            )
+        finally:
+            for view in views:
+                view.release()
+
+    @staticmethod
+    def _read_staged(files: _Files, device: Device, chunk: _Chunk, slot: _Slot) -> Fence:
+        if slot.fence is not None:
+            slot.fence.wait()  # the previous copy out of this slot has finished
+            slot.fence = None
+        tensor = chunk.pieces[0].tensor
+        _read_into(
+            files.fd(chunk.path), [slot.view[: chunk.nbytes]], chunk.offset, chunk.path, tensor
+        )
+        fence: Fence | None = None
+        for piece in chunk.pieces:
+            n = piece.dst.numel()
+            fence = device.copy_from_host(piece.dst, slot.buffer[piece.at : piece.at + n])
+        assert fence is not None
+        slot.fence = fence
+        return fence
+
+    async def _finish(self, flight: _InFlight) -> None:
+        await flight.done.wait()
+        if flight.error is not None:
+            error = flight.error
+            flight.error = None
+            unit = flight.unit
+            flight.drop()
+            raise _translate(error, unit, flight.device.name) from error
+        await anyio.to_thread.run_sync(self._complete, flight)
+        unit = flight.unit
+        device = flight.device
+        seconds = time.perf_counter() - flight.started
+        free_after = await anyio.to_thread.run_sync(self._live_free, device)
+        stats = self.device_stats.setdefault(device.name, [0, 0, 0, 0.0])
+        stats[0] += unit.nbytes
+        stats[1] += len(flight.final)
+        stats[2] += 1 if unit.layer is not None else 0
+        stats[3] += seconds
+        self.tensors.update(flight.final)
+        tensors = len(flight.final)
+        flight.drop()
+        await self._emit(
+            LayerPlaced(
+                layer=unit.layer,
+                device=device.name,
+                nbytes=unit.nbytes,
+                seconds=seconds,
+                free_before=flight.free_before,
+                free_after=free_after,
+                part=unit.part,
+                stored_bytes=unit.stored_bytes,
+                tensors=tensors,
+            )
+        )
+
+    def _complete(self, flight: _InFlight) -> None:
+        """Wait for the unit's copies, then convert raw buffers into the final tensors."""
+        for fence in flight.fences:
+            fence.wait()
+        for name in list(flight.raw):
+            flight.final[name].copy_(flight.raw.pop(name))
+        device = flight.device.name
+        self.transient[device] = self.transient.get(device, 0) - flight.raw_bytes
+
+    def _report(self, seconds: float, plan_seconds: float) -> LoadReport:
+        devices = tuple(
+            DeviceReport(name, int(s[0]), int(s[1]), int(s[2]), s[3])
+            for name, s in self.device_stats.items()
+        )
+        return LoadReport(
+            path=str(self.path),
+            nbytes=sum(d.nbytes for d in devices),
+            stored_bytes=self.spec.checkpoint.total_bytes,
+            tensors=len(self.tensors),
+            seconds=seconds,
+            plan_seconds=plan_seconds,
+            devices=devices,
+            replans=tuple(self.replans),
+            fallbacks=tuple(self.fallbacks),
+            staging_bytes=0 if self.ring is None else self.ring.nbytes,
+        )
+
+    def _release(self) -> None:
+        """Drop every tensor this load placed or allocated (containers cleared in place)."""
+        self.tensors.clear()
+        while self.inflight:
+            self.inflight.popleft().drop()
+
+    def _close(self) -> None:
+        if self.ring is not None:
+            with contextlib.suppress(Exception):
+                self.ring.close()
+            self.ring = None
+        if self.files is not None:
+            self.files.close()
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one error an exception (group) stands for: a real error before cancellations."""
+    leaves = list(_leaves(exc))
+    cancelled = anyio.get_cancelled_exc_class()
+    for leaf in leaves:
+        if not isinstance(leaf, cancelled):
+            return leaf
+    return leaves[0] if leaves else exc
+
+
+def _translate(error: BaseException, unit: _Unit, device: str) -> BaseException:
+    if isinstance(error, StreamloadError) or not isinstance(error, Exception):
+        return error
+    where = unit.part if unit.layer is None else f"layer {unit.layer}"
+    if isinstance(error, OSError):
+        path = error.filename or (unit.entries[0].path if unit.entries else None)
+        return LoadError(
+            f"reading {where} failed: {error.strerror or error}",
+            path=path,
+            layer=unit.layer,
+            device=device,
+        )
+    return LoadError(
+        f"placing {where} failed: {type(error).__name__}: {error}", layer=unit.layer, device=device
+    )
+
+
+async def load(
+    path: str | Path,
+    params: LoadParams | None = None,
+    *,
+    on_event: EventCallback | None = None,
+) -> LoadedModel:
+    """Load the checkpoint at ``path`` onto the devices ``params`` names.
+
+    Runs under asyncio or trio (anyio). Events go to ``on_event`` (a plain or coroutine
+    function, called in order on the event loop) and to the ``streamload`` structlog logger.
+
+    Cancellation (a cancel scope, a cancelled task, a server shutting down): every tensor the
+    load placed is released, reader threads finish, every file descriptor is closed, a
+    ``LoadFailed`` event is emitted, and the cancellation propagates. Any other failure does the
+    same and raises a ``StreamloadError`` naming the file, tensor, layer or device involved.
+    """
+    return await _Load(path, params or LoadParams(), on_event).run()
