@@ -311,9 +311,12 @@ class _InFlight:
 class LoadedModel:
     """A loaded checkpoint: ``tensors`` by checkpoint name, each on its final device.
 
-    ``plan`` is the plan actually used (after any re-plan), ``report`` what the load did,
-    ``device_map`` the placement in Hugging Face form (module prefix -> device name). Tensors on
-    a ``SimulatedGPU`` live in host memory and are mapped to its name (``"sim:0"``).
+    ``plan`` is the plan actually used (after any re-plan), ``report`` what the load did.
+    ``device_map`` is the placement in Hugging Face form, module prefix -> *torch* device
+    (``{"model.embed_tokens": "cuda:0", "model.layers.0": "cuda:0", ..., "lm_head": "cuda:0"}``),
+    accepted as-is by ``accelerate.dispatch_model`` and ``from_pretrained(device_map=...)``.
+    Tensors on a ``SimulatedGPU`` live in host memory, so their modules map to ``"cpu"`` there;
+    ``placement`` gives the same keys with streamload's device names (``"sim:0"``).
 
     ``release()`` drops every reference the library holds; device memory returns once the
     caller's own references to the tensors are gone too. ``async with await load(...) as m:``
@@ -331,7 +334,8 @@ class LoadedModel:
         self.plan = plan
         self.report = report
         self.spec = spec
-        self.device_map = _device_map(spec, plan)
+        self.placement = _placement(spec, plan)
+        self.device_map = _torch_device_map(spec, self.placement, tensors)
 
     def release(self) -> None:
         """Drop every tensor reference the library holds (idempotent)."""
@@ -355,10 +359,28 @@ class LoadedModel:
         )
 
 
-def _device_map(spec: ModelSpec, plan: Plan) -> dict[str, str]:
+def _placement(spec: ModelSpec, plan: Plan) -> dict[str, str]:
     mapping = {part.name: plan.primary for part in spec.non_mapped}
     for layer in spec.layers:
         mapping[layer.prefix] = plan.layer_devices[layer.index]
+    return mapping
+
+
+def _torch_device_map(
+    spec: ModelSpec, placement: dict[str, str], tensors: dict[str, torch.Tensor]
+) -> dict[str, str]:
+    """Module -> the torch device its tensors are on (``"cuda:0"``, ``"cpu"``)."""
+    first: dict[str, str] = {}
+    for part in spec.non_mapped:
+        if part.tensors:
+            first[part.name] = part.tensors[0]
+    for layer in spec.layers:
+        if layer.tensors:
+            first[layer.prefix] = layer.tensors[0]
+    mapping = {}
+    for module, device in placement.items():
+        name = first.get(module)
+        mapping[module] = str(tensors[name].device) if name in tensors else device
     return mapping
 
 
