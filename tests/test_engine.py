@@ -1,0 +1,389 @@
+"""The streaming engine: exact bytes, re-planning, cancellation, concurrency, events and logs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import structlog.testing
+import torch
+
+import streamload
+from streamload.events import (
+    Event,
+    LayerPlaced,
+    LoadFailed,
+    LoadFinished,
+    PagedAttentionDisabled,
+    PlanComputed,
+    Replanned,
+)
+from streamload.testing import SimulatedGPU
+from tests.engine_support import (
+    llama_config,
+    llama_tensors,
+    open_fds_under,
+    params,
+    reference,
+    sized_gpu,
+    write_checkpoint,
+)
+
+LAYERS = 6
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    return write_checkpoint(tmp_path / "ckpt", llama_tensors(LAYERS), llama_config(LAYERS))
+
+
+def assert_identical(
+    loaded: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtype: torch.dtype | None
+) -> None:
+    assert sorted(ref) == sorted(loaded)
+    for name, want in ref.items():
+        got = loaded[name]
+        if dtype is not None and want.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            want = want.to(dtype)
+        assert (want.dtype, want.shape) == (got.dtype, got.shape), name
+        assert (
+            torch.equal(want.view(torch.uint8), got.view(torch.uint8))
+            if want.dim()
+            else (
+                want.reshape(1).view(torch.uint8).tolist()
+                == got.reshape(1).view(torch.uint8).tolist()
+            )
+        ), name
+
+
+def three_way(ckpt: Path) -> list[Any]:
+    return [
+        sized_gpu("sim:0", ckpt, 2.5, primary=True),
+        sized_gpu("sim:1", ckpt, 2.5, primary=False),
+        "cpu",
+    ]
+
+
+PLACEMENTS = ["gpu", "cpu", "mixed", "unstaged-gpu", "cpu-mmap"]
+
+
+def devices_for(placement: str, ckpt: Path) -> tuple[list[Any], dict[str, Any]]:
+    if placement == "gpu":
+        return [SimulatedGPU("sim:0", total_bytes=2**30)], {}
+    if placement == "cpu":
+        return ["cpu"], {}
+    if placement == "cpu-mmap":
+        return ["cpu"], {"cpu_policy": "mmap"}
+    if placement == "unstaged-gpu":
+        return [SimulatedGPU("sim:0", total_bytes=2**30, staged=False)], {}
+    return three_way(ckpt), {}
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+async def test_tensors_are_bit_identical_to_safetensors(
+    ckpt: Path, placement: str, dtype: torch.dtype | None
+) -> None:
+    """Every tensor equals safetensors' own load, byte for byte (floats converted exactly as
+    ``Tensor.to`` does when a dtype is asked for; non-float and FP8 tensors untouched)."""
+    devices, extra = devices_for(placement, ckpt)
+    model = await streamload.load(ckpt, params(devices, dtype=dtype, **extra))
+    assert_identical(model.tensors, reference(ckpt), dtype)
+    if placement == "mixed":
+        assert {"sim:0", "sim:1", "cpu"} == set(model.plan.layer_devices)
+    model.release()
+    assert {} == model.tensors
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_loads_under_asyncio_and_trio(ckpt: Path, anyio_backend: str) -> None:
+    """The same mixed load works on both anyio backends."""
+    model = await streamload.load(ckpt, params(three_way(ckpt)))
+    assert_identical(model.tensors, reference(ckpt), None)
+
+
+async def test_device_map_and_tensor_placement_follow_the_plan(ckpt: Path) -> None:
+    """``placement`` names every module's device, ``device_map`` gives the torch device in
+    Hugging Face form, and every simulated GPU holds exactly the bytes placed on it."""
+    devices = three_way(ckpt)
+    model = await streamload.load(ckpt, params(devices))
+    plan = model.plan
+    expected = {"model.embed_tokens": plan.primary, "model.norm": plan.primary}
+    expected["lm_head"] = plan.primary
+    expected.update({f"model.layers.{i}": plan.layer_devices[i] for i in range(LAYERS)})
+    assert expected == model.placement
+    torch_map = dict.fromkeys(expected, "cpu")
+    assert torch_map == model.device_map
+    gpus = {d.name: d for d in devices if isinstance(d, SimulatedGPU)}
+    for name in gpus:
+        on_device = sum(
+            t.nbytes for n, t in model.tensors.items() if model.placement[_module_of(n)] == name
+        )
+        assert on_device == gpus[name].allocated_bytes
+
+
+def _module_of(tensor: str) -> str:
+    parts = tensor.split(".")
+    if parts[0] == "model" and parts[1] == "layers":
+        return ".".join(parts[:3])
+    return ".".join(parts[:-1])
+
+
+async def test_release_returns_simulated_memory(ckpt: Path) -> None:
+    """After ``release()`` (and no caller references) every simulated ledger is back to zero."""
+    devices = three_way(ckpt)
+    async with await streamload.load(ckpt, params(devices)) as model:
+        assert devices[0].allocated_bytes > 0
+    assert {} == model.tensors
+    assert [0, 0] == [devices[0].allocated_bytes, devices[1].allocated_bytes]
+
+
+def steal_after(layer: int, gpu: SimulatedGPU, events: list[Event]) -> Any:
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if isinstance(event, LayerPlaced) and event.layer == layer:
+            gpu.steal(gpu.free_bytes - 1)
+
+    return on_event
+
+
+@pytest.mark.parametrize("after", range(LAYERS))
+async def test_under_delivery_after_each_layer_replans_and_stays_exact(
+    ckpt: Path, after: int
+) -> None:
+    """A tenant grabbing the second GPU after layer ``after`` is placed: layers not yet
+    allocated move to the CPU, placed ones stay, the bytes are exact, and the re-plan is in the
+    report and the log."""
+    devices = three_way(ckpt)
+    gpu1 = devices[1]
+    planned = streamload.plan(ckpt, params(devices)).layer_devices
+    events: list[Event] = []
+    with structlog.testing.capture_logs() as logs:
+        model = await streamload.load(
+            ckpt, params(devices), on_event=steal_after(after, gpu1, events)
+        )
+    assert_identical(model.tensors, reference(ckpt), None)
+    moved = [i for i in range(after + 2, LAYERS) if planned[i] == "sim:1"]
+    replans = [e for e in events if isinstance(e, Replanned)]
+    assert (len(replans) > 0) == bool(moved)
+    assert tuple(replans) == model.report.replans
+    for i in moved:
+        assert "cpu" == model.plan.layer_devices[i]
+    for i in range(min(after + 2, LAYERS)):
+        assert planned[i] == model.plan.layer_devices[i]
+    if replans:
+        first = replans[0]
+        assert "sim:1" == first.device
+        assert first.live_free < first.expected_free
+        assert planned == first.old_layer_devices
+        assert [e["event"] for e in logs].count("replanned") == len(replans)
+        logged = next(e for e in logs if e["event"] == "replanned")
+        assert first.new_layer_devices == tuple(logged["new_layer_devices"])
+
+
+async def test_allocation_failure_replans(ckpt: Path) -> None:
+    """``torch.OutOfMemoryError`` at a layer's allocation re-plans that layer onward."""
+    devices = three_way(ckpt)
+    gpu1 = devices[1]
+    planned = streamload.plan(ckpt, params(devices)).layer_devices
+    first_on_gpu1 = planned.index("sim:1")
+    events: list[Event] = []
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if isinstance(event, PlanComputed):
+            gpu1.fail_allocations(1)
+
+    model = await streamload.load(ckpt, params(devices), on_event=on_event)
+    assert_identical(model.tensors, reference(ckpt), None)
+    replans = [e for e in events if isinstance(e, Replanned)]
+    assert 1 == len(replans)
+    assert first_on_gpu1 == replans[0].at_layer
+    assert "allocation failed" in replans[0].reason
+
+
+async def test_replan_that_needs_cpu_disables_paged_attention(ckpt: Path) -> None:
+    """A paged plan that fit the GPUs falls back to non-paged KV when a re-plan needs the CPU,
+    and says so with an event."""
+    devices: list[Any] = [
+        sized_gpu("sim:0", ckpt, LAYERS + 1, primary=True),
+        "cpu",
+    ]
+    gpu0 = devices[0]
+    p = params(devices, paged_attention=streamload.PagedAttention(block_size=4))
+    assert streamload.plan(ckpt, p).paged_attention
+    events: list[Event] = []
+    model = await streamload.load(ckpt, p, on_event=steal_after(0, gpu0, events))
+    disabled = [e for e in events if isinstance(e, PagedAttentionDisabled)]
+    assert 1 == len(disabled)
+    assert not model.plan.paged_attention
+    assert disabled == list(model.report.fallbacks)
+
+
+@pytest.mark.parametrize("after", [None, *range(LAYERS)])
+async def test_cancellation_after_each_layer_releases_everything(
+    ckpt: Path, after: int | None
+) -> None:
+    """Cancelling the load (cancel scope) after layer ``after`` (``None``: after the non-mapped
+    parts) leaves every simulated ledger at zero and no checkpoint file open."""
+    devices = three_way(ckpt)
+    events: list[Event] = []
+    with anyio.CancelScope() as scope:
+
+        def on_event(event: Event) -> None:
+            events.append(event)
+            if isinstance(event, LayerPlaced) and event.layer == after:
+                scope.cancel()
+
+        await streamload.load(ckpt, params(devices), on_event=on_event)
+    assert scope.cancelled_caught
+    assert [0, 0] == [devices[0].allocated_bytes, devices[1].allocated_bytes]
+    assert [] == open_fds_under(ckpt)
+    assert isinstance(events[-1], LoadFailed)
+
+
+async def test_task_cancellation_propagates(ckpt: Path) -> None:
+    """A task group cancelled from outside (server shutdown) cancels the load cleanly."""
+    devices = three_way(ckpt)
+    async with anyio.create_task_group() as group:
+
+        async def run() -> None:
+            await streamload.load(ckpt, params(devices), on_event=slow_events)
+
+        async def slow_events(event: Event) -> None:
+            if isinstance(event, LayerPlaced):
+                await anyio.sleep(0.05)
+
+        group.start_soon(run)
+        await anyio.sleep(0.08)
+        group.cancel_scope.cancel()
+    assert [0, 0] == [devices[0].allocated_bytes, devices[1].allocated_bytes]
+    assert [] == open_fds_under(ckpt)
+
+
+async def test_file_that_shrinks_after_planning_is_an_error(ckpt: Path) -> None:
+    """A shard truncated after the plan was computed fails with a ``StreamloadError`` naming
+    the file; nothing stays placed."""
+    devices = three_way(ckpt)
+    shard = sorted(ckpt.glob("*.safetensors"))[-1]
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, PlanComputed):
+            with shard.open("r+b") as f:
+                f.truncate(shard.stat().st_size - 100)
+
+    with pytest.raises(streamload.StreamloadError) as info:
+        await streamload.load(ckpt, params(devices), on_event=on_event)
+    assert shard.name in str(info.value)
+    assert [0, 0] == [devices[0].allocated_bytes, devices[1].allocated_bytes]
+    assert [] == open_fds_under(ckpt)
+
+
+async def test_two_concurrent_loads_share_one_gpu_without_double_counting(
+    tmp_path: Path,
+) -> None:
+    """Two loads on one simulated GPU that holds about one and a half models both complete;
+    their plans together never promise more than the GPU has."""
+    a = write_checkpoint(tmp_path / "a", llama_tensors(LAYERS, seed=1), llama_config(LAYERS))
+    b = write_checkpoint(tmp_path / "b", llama_tensors(LAYERS, seed=2), llama_config(LAYERS))
+    gpu = sized_gpu("sim:0", a, LAYERS * 1.5 + 1, primary=True)
+    results: dict[str, streamload.LoadedModel] = {}
+
+    async def run(name: str, path: Path) -> None:
+        results[name] = await streamload.load(path, params([gpu, "cpu"]))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, "a", a)
+        group.start_soon(run, "b", b)
+    assert_identical(results["a"].tensors, reference(a), None)
+    assert_identical(results["b"].tensors, reference(b), None)
+    gpu_need = 0
+    for model in results.values():
+        row = model.plan.device("sim:0")
+        gpu_need += row.weight_bytes + row.kv_bytes + row.activation_bytes
+    assert gpu_need <= gpu.total_bytes
+    assert gpu.peak_allocated_bytes <= gpu.total_bytes
+
+
+async def test_events_arrive_in_order_with_a_layer_placed_per_unit(ckpt: Path) -> None:
+    """Plan first, then one ``LayerPlaced`` per non-mapped part and per layer in plan order,
+    then ``LoadFinished``; async callbacks are awaited."""
+    seen: list[Event] = []
+
+    async def on_event(event: Event) -> None:
+        await anyio.lowlevel.checkpoint()
+        seen.append(event)
+
+    model = await streamload.load(ckpt, params(three_way(ckpt)), on_event=on_event)
+    assert isinstance(seen[0], PlanComputed)
+    assert isinstance(seen[-1], LoadFinished)
+    placed = [e for e in seen if isinstance(e, LayerPlaced)]
+    parts = [e.part for e in placed if e.layer is None]
+    assert sorted(p.name for p in model.spec.non_mapped) == sorted(p or "" for p in parts)
+    assert list(range(LAYERS)) == [e.layer for e in placed if e.layer is not None]
+    assert model.report == seen[-1].report
+    assert model.report.nbytes == sum(e.nbytes for e in placed)
+
+
+async def test_log_lines_carry_the_event_fields(ckpt: Path) -> None:
+    """Each event is one structlog line keyed by the event's field names."""
+    with structlog.testing.capture_logs() as logs:
+        await streamload.load(ckpt, params(three_way(ckpt)))
+    names = [e["event"] for e in logs]
+    assert "plan_computed" == names[0]
+    assert "load_finished" == names[-1]
+    placed = next(e for e in logs if e["event"] == "layer_placed" and e["layer"] == 0)
+    for key in ("layer", "device", "nbytes", "seconds", "free_before", "free_after"):
+        assert key in placed
+    finished = logs[-1]
+    for key in ("nbytes", "seconds", "gb_per_s", "devices"):
+        assert key in finished
+
+
+async def test_missing_checkpoint_is_a_streamload_error(tmp_path: Path) -> None:
+    """A path with no checkpoint fails with a ``StreamloadError`` naming it."""
+    with pytest.raises(streamload.StreamloadError) as info:
+        await streamload.load(tmp_path / "nope", params(["cpu"]))
+    assert "nope" in str(info.value)
+
+
+async def test_event_loop_keeps_ticking_during_a_large_load(tmp_path: Path) -> None:
+    """During a load of over 1 GB (sparse file, staged simulated GPU) a heartbeat on the same
+    loop is never starved for long (the benchmark records the real figure)."""
+    from streamload.testing import TensorShape, write_sharded
+
+    shapes = {
+        f"model.layers.{i}.mlp.up_proj.weight": TensorShape("BF16", (8192, 8192)) for i in range(8)
+    }
+    shapes["model.embed_tokens.weight"] = TensorShape("BF16", (1024, 1024))
+    config = llama_config(8) | {"hidden_size": 1024}
+    path = write_sharded(tmp_path / "big", shapes, num_shards=2, sparse=True, config=config)
+    gaps: list[float] = []
+    done = anyio.Event()
+
+    async def heartbeat() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await anyio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    gpu = SimulatedGPU("sim:0", total_bytes=4 * 2**30)
+    async with anyio.create_task_group() as group:
+        group.start_soon(heartbeat)
+        model = await streamload.load(
+            path, params([gpu], chunk_bytes=16 * 2**20, staging_bytes=64 * 2**20)
+        )
+        done.set()
+    assert model.report.nbytes > 2**30
+    assert max(gaps) < 0.5
