@@ -7,13 +7,45 @@ length ``N``, then ``N`` bytes of UTF-8 JSON object mapping tensor name to
 ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the data region that
 starts at ``8 + N``), plus an optional ``"__metadata__"`` string map. Tensors must tile the data
 region exactly: sorted by offset, no gaps, no overlap, starting at 0.
+
+What is rejected, and as what (every message names the file, and the tensor when one is
+involved; foreign errors are chained with ``raise ... from``):
+
+- ``CorruptHeaderError``: a file under 8 bytes; a header length over ``MAX_HEADER_BYTES`` or
+  past the end of the file; a header that is not UTF-8, not JSON, not an object; an entry that
+  is not an object or lacks ``dtype``/``shape``/``data_offsets``; a non-string dtype; a shape
+  that is not a list of non-negative integers (``true`` is not an integer); offsets that are not
+  two integers in ``[0, 2**64)``, are reversed, overlap, leave a hole, or span a byte count other
+  than elements x dtype size; bytes after the last tensor (as the reference implementation,
+  which requires the file to end exactly there); an ``__metadata__`` that is not a string map
+  (``null`` reads as empty). A malformed ``*.index.json`` is reported the same way.
+- ``UnsupportedDtypeError``: a dtype code not in ``DTYPE_SIZES``.
+- ``TruncatedDataError``: a tensor that ends past the end of the file.
+- ``MissingShardError``, ``IndexMismatchError``: see ``open_checkpoint``.
+- ``CheckpointError``: a path that does not exist or cannot be read; a directory without a
+  checkpoint, or with several ``*.safetensors`` and no index.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import reprlib
+import stat
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from streamload.errors import (
+    CheckpointError,
+    CorruptHeaderError,
+    IndexMismatchError,
+    MissingShardError,
+    TruncatedDataError,
+    UnsupportedDtypeError,
+)
 
 __all__ = [
     "DTYPE_SIZES",
@@ -109,17 +141,359 @@ def parse_header(data: bytes, *, path: Path, file_size: int) -> ShardHeader:
     """Parse and validate a header from the first bytes of a file (pure; used by the fuzzer).
 
     ``data`` holds at least the 8-byte length prefix and the header it announces; ``file_size``
-    is the file's length, checked against the last tensor's end.
+    is the file's length, checked against the last tensor's end. Entries carry ``path`` as
+    given. Raises ``CorruptHeaderError``, ``UnsupportedDtypeError`` or ``TruncatedDataError``
+    naming ``path`` (and the tensor, when one is involved); never any other exception.
     """
-    raise NotImplementedError
+    return _parse(data, display=path, stored=path, file_size=file_size)
 
 
 def read_shard_header(path: Path) -> ShardHeader:
-    """Read and validate one file's header (two small reads; no tensor data)."""
-    raise NotImplementedError
+    """Read and validate one file's header (two small reads; no tensor data).
+
+    The returned paths are resolved (symlinks followed); error messages name ``path`` as given.
+    A file that cannot be opened or read raises ``CheckpointError``.
+    """
+    return _read_shard(Path(path).absolute(), missing=CheckpointError)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint directory (index + shards, or one ``model.safetensors``, or exactly one
-    ``*.safetensors``) or a single ``.safetensors`` file, and validate every header."""
-    raise NotImplementedError
+    ``*.safetensors``) or a single ``.safetensors`` file, and validate every header.
+
+    ``path`` may also name an ``*.index.json`` file directly. With an index, the index is the
+    source of truth and must agree with the shards exactly: a shard it names must exist
+    (``MissingShardError``); every tensor it lists must be in the shard it names, no tensor may
+    be in two shards, and no shard may hold a tensor the index does not list
+    (``IndexMismatchError`` for all three). Files in the directory that the index does not name
+    are ignored (e.g. a ``consolidated.safetensors`` beside the shards). Without an index,
+    ``model.safetensors`` is used if present, else the directory's only ``*.safetensors``;
+    several candidates raise ``CheckpointError`` naming them. The index's
+    ``metadata.total_size`` is not checked (published checkpoints often get it wrong).
+    Malformed index JSON raises ``CorruptHeaderError`` naming the index.
+    """
+    given = Path(path).absolute()
+    try:
+        mode = given.stat().st_mode
+    except FileNotFoundError as exc:
+        raise CheckpointError(given, "no such file or directory") from exc
+    except OSError as exc:
+        raise CheckpointError(given, f"cannot access: {_os_problem(exc)}") from exc
+    if stat.S_ISDIR(mode):
+        return _open_directory(given)
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(given, "is neither a regular file nor a directory")
+    if given.name.endswith(".index.json"):
+        return _open_sharded(given.parent, given)
+    return _single(given.parent, given)
+
+
+# --- private helpers --------------------------------------------------------------------------
+
+_PREFIX = struct.Struct("<Q")
+_U64_MAX = 2**64 - 1
+_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+# (begin, end, name, dtype, shape) of one header entry, validated on its own.
+_Raw = tuple[int, int, str, str, tuple[int, ...]]
+
+
+def _parse(data: bytes, *, display: Path, stored: Path, file_size: int) -> ShardHeader:
+    """``parse_header`` with separate paths for messages (as given) and entries (resolved)."""
+    if file_size < _PREFIX.size:
+        what = "empty" if file_size == 0 else f"{file_size} bytes long"
+        raise CorruptHeaderError(display, f"file is {what}; a safetensors file has at least 8")
+    if len(data) < _PREFIX.size:
+        raise CorruptHeaderError(display, f"only {len(data)} bytes of the 8-byte prefix read")
+    (header_len,) = _PREFIX.unpack_from(data)
+    if header_len > MAX_HEADER_BYTES:
+        raise CorruptHeaderError(
+            display, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit"
+        )
+    data_offset = _PREFIX.size + header_len
+    if data_offset > file_size:
+        raise CorruptHeaderError(
+            display, f"header length {header_len} runs past the end of the {file_size}-byte file"
+        )
+    if len(data) < data_offset:
+        raise CorruptHeaderError(
+            display, f"header is {header_len} bytes but only {len(data) - 8} were read"
+        )
+    document = _load_json(data[_PREFIX.size : data_offset], display, "header")
+    if not isinstance(document, dict):
+        raise CorruptHeaderError(display, f"header is a JSON {_kind(document)}, not an object")
+    metadata = _metadata(document.get("__metadata__"), display)
+    raws = [
+        _entry(name, info, display) for name, info in document.items() if name != "__metadata__"
+    ]
+    raws.sort()  # by (begin, end); names break ties, so later fields are never compared
+    _check_tiling(raws, display, region=file_size - data_offset, data_offset=data_offset)
+    tensors = tuple(
+        TensorEntry(name, stored, dtype, shape, data_offset + begin, end - begin)
+        for begin, end, name, dtype, shape in raws
+    )
+    return ShardHeader(stored, file_size, data_offset, tensors, metadata)
+
+
+def _metadata(value: object, path: Path) -> dict[str, str]:
+    """``__metadata__``: absent or null means empty; else a JSON object of strings to strings."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CorruptHeaderError(path, f"__metadata__ is a JSON {_kind(value)}, not an object")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise CorruptHeaderError(
+                path, f"__metadata__[{key!r}] is a JSON {_kind(item)}, not a string"
+            )
+    return value
+
+
+def _entry(name: str, info: object, path: Path) -> _Raw:
+    """Validate one tensor entry on its own (types, dtype, byte length)."""
+    if not isinstance(info, dict):
+        raise CorruptHeaderError(path, f"entry is a JSON {_kind(info)}, not an object", tensor=name)
+    missing = [field for field in _ENTRY_FIELDS if field not in info]
+    if missing:
+        raise CorruptHeaderError(path, f"entry lacks {', '.join(missing)}", tensor=name)
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if type(dtype) is not str:
+        raise CorruptHeaderError(path, f"dtype is a JSON {_kind(dtype)}, not a string", tensor=name)
+    itemsize = DTYPE_SIZES.get(dtype)
+    if itemsize is None:
+        known = ", ".join(DTYPE_SIZES)
+        raise UnsupportedDtypeError(
+            path, f"dtype {_short(dtype)} is not supported (known: {known})", tensor=name
+        )
+    if type(shape) is not list or not all(type(dim) is int and dim >= 0 for dim in shape):
+        raise CorruptHeaderError(
+            path, f"shape {_short(shape)} is not a list of non-negative integers", tensor=name
+        )
+    if (
+        type(offsets) is not list
+        or len(offsets) != 2
+        or not all(type(o) is int and 0 <= o <= _U64_MAX for o in offsets)
+    ):
+        raise CorruptHeaderError(
+            path,
+            f"data_offsets {_short(offsets)} are not two integers in [0, 2**64)",
+            tensor=name,
+        )
+    begin, end = offsets
+    if end < begin:
+        raise CorruptHeaderError(
+            path, f"data_offsets [{begin}, {end}] are reversed (end < begin)", tensor=name
+        )
+    expected = math.prod(shape) * itemsize
+    if end - begin != expected:
+        raise CorruptHeaderError(
+            path,
+            f"data_offsets [{begin}, {end}] span {end - begin} bytes but {dtype} "
+            f"{tuple(shape)} needs {expected}",
+            tensor=name,
+        )
+    return begin, end, name, dtype, tuple(shape)
+
+
+def _check_tiling(raws: list[_Raw], path: Path, *, region: int, data_offset: int) -> None:
+    """Sorted entries must cover ``[0, region)`` exactly: no hole, no overlap, no tail."""
+    cursor = 0
+    previous = ""
+    for begin, end, name, _, _ in raws:
+        if begin < cursor:
+            raise CorruptHeaderError(
+                path,
+                f"data_offsets [{begin}, {end}] overlap tensor {previous!r} (ends at {cursor})",
+                tensor=name,
+            )
+        if begin > cursor:
+            after = f"after tensor {previous!r}" if cursor else "at the start of the data region"
+            raise CorruptHeaderError(
+                path,
+                f"{begin - cursor}-byte hole {after}: data_offsets [{begin}, {end}] "
+                f"should begin at {cursor}",
+                tensor=name,
+            )
+        cursor, previous = end, name
+    if cursor > region:
+        begin, end, name, _, _ = next(raw for raw in raws if raw[1] > region)
+        raise TruncatedDataError(
+            path,
+            f"ends at byte {data_offset + end} but the file has only {data_offset + region}",
+            tensor=name,
+        )
+    if cursor < region:
+        raise CorruptHeaderError(
+            path, f"{region - cursor} bytes after the last tensor are not described by the header"
+        )
+
+
+def _read_shard(path: Path, *, missing: type[CheckpointError]) -> ShardHeader:
+    """Open ``path`` (absolute, as the user named it), read prefix + header, validate."""
+    try:
+        with open(path, "rb") as file:
+            file_size = os.fstat(file.fileno()).st_size
+            data = file.read(_PREFIX.size)
+            if len(data) == _PREFIX.size:
+                (header_len,) = _PREFIX.unpack(data)
+                if header_len <= MAX_HEADER_BYTES and _PREFIX.size + header_len <= file_size:
+                    data += file.read(header_len)
+        stored = path.resolve()
+    except FileNotFoundError as exc:
+        raise missing(path, "no such file") from exc
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read: {_os_problem(exc)}") from exc
+    return _parse(data, display=path, stored=stored, file_size=file_size)
+
+
+def _open_directory(directory: Path) -> Checkpoint:
+    index = directory / INDEX_NAME
+    if index.is_file():
+        return _open_sharded(directory, index)
+    try:
+        with os.scandir(directory) as entries:
+            names = sorted(
+                entry.name
+                for entry in entries
+                if entry.name.endswith(".safetensors") and entry.is_file()
+            )
+    except OSError as exc:
+        raise CheckpointError(directory, f"cannot list: {_os_problem(exc)}") from exc
+    if not names:
+        raise CheckpointError(directory, f"holds no *.safetensors file and no {INDEX_NAME}")
+    if "model.safetensors" in names:
+        return _single(directory, directory / "model.safetensors")
+    if len(names) > 1:
+        raise CheckpointError(
+            directory,
+            f"holds {len(names)} *.safetensors files ({', '.join(names)}) but no {INDEX_NAME} "
+            "saying how they fit together; open one file directly or add the index",
+        )
+    return _single(directory, directory / names[0])
+
+
+def _single(directory: Path, file: Path) -> Checkpoint:
+    header = _read_shard(file, missing=CheckpointError)
+    tensors = {entry.name: entry for entry in header.tensors}
+    return Checkpoint(root=_resolve(directory), shards=(header,), tensors=tensors)
+
+
+def _open_sharded(directory: Path, index: Path) -> Checkpoint:
+    weight_map = _read_index(index)
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    shard_names = sorted(by_shard)
+    for shard in shard_names:
+        _check_shard_name(shard, index)
+    headers = [_read_shard(directory / shard, missing=MissingShardError) for shard in shard_names]
+
+    tensors: dict[str, TensorEntry] = {}
+    for shard, header in zip(shard_names, headers, strict=True):
+        for entry in header.tensors:
+            first = tensors.setdefault(entry.name, entry)
+            if first is not entry:
+                other = shard_names[[h.path for h in headers].index(first.path)]
+                raise IndexMismatchError(
+                    directory / shard,
+                    f"tensor is stored in two shards: here and in {other}",
+                    tensor=entry.name,
+                )
+    for shard, header in zip(shard_names, headers, strict=True):
+        listed = by_shard[shard]
+        held = {entry.name for entry in header.tensors}
+        for name in listed:
+            if name not in held:
+                raise IndexMismatchError(
+                    directory / shard,
+                    f"{index.name} places the tensor in this shard, which does not hold it",
+                    tensor=name,
+                )
+        if len(held) != len(listed):  # listed is a subset of held here
+            extra = next(e.name for e in header.tensors if weight_map.get(e.name) != shard)
+            problem = (
+                f"shard holds a tensor that {index.name} does not list"
+                if extra not in weight_map
+                else f"shard holds a tensor that {index.name} places in {weight_map[extra]}"
+            )
+            raise IndexMismatchError(directory / shard, problem, tensor=extra)
+    return Checkpoint(root=_resolve(directory), shards=tuple(headers), tensors=tensors)
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """Read ``*.index.json``; return its ``weight_map`` (tensor name -> shard file name)."""
+    try:
+        raw = index.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(index, f"cannot read: {_os_problem(exc)}") from exc
+    document = _load_json(raw, index, "index")
+    if not isinstance(document, dict):
+        raise CorruptHeaderError(index, f"index is a JSON {_kind(document)}, not an object")
+    if "weight_map" not in document:
+        raise CorruptHeaderError(index, "index has no 'weight_map'")
+    weight_map = document["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CorruptHeaderError(index, f"weight_map is a JSON {_kind(weight_map)}, not an object")
+    if not weight_map:
+        raise CorruptHeaderError(index, "weight_map is empty")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CorruptHeaderError(
+                index, f"weight_map value {_short(shard)} is not a file name", tensor=name
+            )
+    return weight_map
+
+
+def _check_shard_name(shard: str, index: Path) -> None:
+    """A shard must be a relative path inside the checkpoint directory."""
+    parts = PurePosixPath(shard.replace("\\", "/")).parts
+    if shard.startswith(("/", "\\")) or os.path.isabs(shard) or ".." in parts:
+        raise CorruptHeaderError(
+            index, f"shard name {shard!r} points outside the checkpoint directory"
+        )
+
+
+def _load_json(raw: bytes, path: Path, what: str) -> object:
+    """The one place JSON and UTF-8 failures become ``CorruptHeaderError``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptHeaderError(path, f"{what} is not UTF-8 (bad byte at {exc.start})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CorruptHeaderError(
+            path, f"{what} is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from exc
+    except (ValueError, RecursionError) as exc:  # over-long integer literal, deep nesting
+        raise CorruptHeaderError(path, f"{what} is not usable JSON: {exc}") from exc
+
+
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot resolve: {_os_problem(exc)}") from exc
+
+
+def _os_problem(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _kind(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _short(value: object) -> str:
+    """A bounded ``repr`` for messages (headers can hold arbitrarily large values)."""
+    return reprlib.repr(value)
