@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import mmap
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -233,28 +234,36 @@ class _Files:
     def __init__(self, spec: ModelSpec) -> None:
         self._fds: dict[Path, int] = {}
         self._sizes = {shard.path: shard.file_size for shard in spec.checkpoint.shards}
+        self._lock = threading.Lock()
 
     def fd(self, path: Path) -> int:
+        """The shard's descriptor, opened on first use (thread-safe)."""
         fd = self._fds.get(path)
-        if fd is None:
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is not None:
+                return fd
             try:
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError as exc:
                 raise CheckpointError(path, f"cannot open: {exc.strerror}") from exc
             self._fds[path] = fd
-            size = os.fstat(fd).st_size
-            if size != self._sizes[path]:
-                raise TruncatedDataError(
-                    path,
-                    f"file changed since its header was read: {size} bytes, "
-                    f"expected {self._sizes[path]}",
-                )
+        size = os.fstat(fd).st_size
+        if size != self._sizes[path]:
+            raise TruncatedDataError(
+                path,
+                f"file changed since its header was read: {size} bytes, "
+                f"expected {self._sizes[path]}",
+            )
         return fd
 
     def close(self) -> None:
-        while self._fds:
-            _, fd = self._fds.popitem()
-            os.close(fd)
+        with self._lock:
+            while self._fds:
+                _, fd = self._fds.popitem()
+                os.close(fd)
 
 
 def _read_into(fd: int, views: list[memoryview], offset: int, path: Path, tensor: str) -> None:
@@ -485,7 +494,8 @@ class _Load:
             raise LoadError(f"{type(error).__name__}: {error}") from error
         finally:
             RESERVATIONS.release_all(self)
-            await anyio.to_thread.run_sync(self._close)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close)
 
     async def _run(self, started: float) -> LoadedModel:
         params = self.params
