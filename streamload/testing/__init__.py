@@ -1,4 +1,26 @@
 """Testing aids for code that loads models with streamload, on machines without GPUs.
 
 Like ``httpx.MockTransport`` or ``structlog.testing``: public, documented, stable.
+
+- ``SimulatedGPU``: a device with a memory ledger that goes through the engine's CUDA path
+  (probe, allocate, staging ring, copy, recheck) with a host copy as the copy primitive;
+  ``steal``/``give_back`` play another tenant.
+- Checkpoint writers: ``write_safetensors``, ``write_sparse_safetensors`` (a real header, a data
+  region that is a file hole), ``write_sharded`` (Hugging Face layout with an index).
 """
+
+from streamload.testing._writers import (
+    TensorShape,
+    dtype_code,
+    write_safetensors,
+    write_sharded,
+    write_sparse_safetensors,
+)
+
+__all__ = [
+    "TensorShape",
+    "dtype_code",
+    "write_safetensors",
+    "write_sharded",
+    "write_sparse_safetensors",
+]
