@@ -474,14 +474,13 @@ class Nvml:
         """Whether NVML works on this host (calls ``nvmlInit`` the first time)."""
         with self._lock:
             if self._available is None:
-                try:
-                    self._api.nvmlInit()
-                except _NO_NVML:
-                    self._available = False
-                except pynvml.NVMLError as exc:
-                    raise DeviceError(device, f"NVML nvmlInit failed: {exc}") from exc
-                else:
-                    self._available = True
+                with _nvml_errors(device, "nvmlInit"):
+                    try:
+                        self._api.nvmlInit()
+                    except _NO_NVML:
+                        self._available = False
+                    else:
+                        self._available = True
             return self._available
 
     def gpu_uuids(self, *, device: str = "nvml") -> list[str]:
@@ -502,14 +501,11 @@ class Nvml:
     def handle_by_uuid(self, uuid: str, *, device: str) -> Any | None:
         """The handle of a GPU or MIG instance by its full UUID; ``None`` when NVML knows none
         (``NotFound``, or ``InvalidArgument`` for a UUID form it does not take)."""
-        try:
-            return self._api.nvmlDeviceGetHandleByUUID(uuid)
-        except (pynvml.NVMLError_NotFound, pynvml.NVMLError_InvalidArgument):
-            return None
-        except pynvml.NVMLError as exc:
-            raise DeviceError(
-                device, f"NVML nvmlDeviceGetHandleByUUID({uuid}) failed: {exc}"
-            ) from exc
+        with _nvml_errors(device, f"nvmlDeviceGetHandleByUUID({uuid})"):
+            try:
+                return self._api.nvmlDeviceGetHandleByUUID(uuid)
+            except (pynvml.NVMLError_NotFound, pynvml.NVMLError_InvalidArgument):
+                return None
 
     def memory(self, handle: Any, *, device: str) -> NvmlMemory:
         with _nvml_errors(device, "nvmlDeviceGetMemoryInfo"):
@@ -518,12 +514,11 @@ class Nvml:
 
     def mig_enabled(self, handle: Any, *, device: str) -> bool:
         """Whether MIG mode is on for this (physical) GPU; GPUs without MIG say no."""
-        try:
-            current, _ = self._api.nvmlDeviceGetMigMode(handle)
-        except _NOT_MIG:
-            return False
-        except pynvml.NVMLError as exc:
-            raise DeviceError(device, f"NVML nvmlDeviceGetMigMode failed: {exc}") from exc
+        with _nvml_errors(device, "nvmlDeviceGetMigMode"):
+            try:
+                current, _ = self._api.nvmlDeviceGetMigMode(handle)
+            except _NOT_MIG:
+                return False
         return bool(current == pynvml.NVML_DEVICE_MIG_ENABLE)
 
 
