@@ -33,6 +33,7 @@ unchanged and any other error surfaces as a ``StreamloadError``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import mmap
 import os
@@ -161,6 +162,17 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+def _host_memory(tensor: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous host tensor's bytes (no numpy needed).
+
+    The caller keeps ``tensor`` alive while the view is in use.
+    """
+    assert tensor.device.type == "cpu" and tensor.is_contiguous()
+    nbytes = tensor.numel() * tensor.element_size()
+    array = (ctypes.c_uint8 * nbytes).from_address(tensor.data_ptr())
+    return memoryview(array).cast("B")
+
+
 def _cut_chunks(
     items: Sequence[tuple[TensorEntry, torch.Tensor]], chunk_bytes: int
 ) -> list[_Chunk]:
@@ -203,7 +215,7 @@ class _StagingRing:
         self._slots: list[_Slot] = []
         for _ in range(slots):
             buffer = device.host_buffer(slot_bytes)
-            slot = _Slot(buffer, memoryview(buffer.numpy()).cast("B"))
+            slot = _Slot(buffer, _host_memory(buffer))
             self._slots.append(slot)
             self._send.send_nowait(slot)
 
@@ -698,7 +710,7 @@ class _Load:
 
     @staticmethod
     def _read_direct(files: _Files, chunk: _Chunk) -> None:
-        views = [memoryview(piece.dst.numpy()).cast("B") for piece in chunk.pieces]
+        views = [_host_memory(piece.dst) for piece in chunk.pieces]
         try:
             _read_into(
                 files.fd(chunk.path), views, chunk.offset, chunk.path, chunk.pieces[0].tensor

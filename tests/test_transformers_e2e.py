@@ -19,6 +19,8 @@ import streamload
 from streamload.integrations.transformers import build_model, load_model
 from tests.engine_support import params, sized_gpu
 
+pytestmark = pytest.mark.anyio
+
 TINY: dict[str, Callable[[], Any]] = {
     "llama": lambda: transformers.LlamaConfig(
         hidden_size=64,

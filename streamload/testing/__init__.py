@@ -9,6 +9,7 @@ Like ``httpx.MockTransport`` or ``structlog.testing``: public, documented, stabl
   region that is a file hole), ``write_sharded`` (Hugging Face layout with an index).
 """
 
+from streamload.testing._simulated import SimulatedGPU
 from streamload.testing._writers import (
     TensorShape,
     dtype_code,
@@ -18,6 +19,7 @@ from streamload.testing._writers import (
 )
 
 __all__ = [
+    "SimulatedGPU",
     "TensorShape",
     "dtype_code",
     "write_safetensors",
