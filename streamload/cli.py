@@ -1,0 +1,1118 @@
+"""The ``streamload`` command line, over the public API only.
+
+    streamload inspect PATH [--json] [--dtype bf16]
+    streamload plan PATH [--device NAME=SIZE ...] [--cpu-memory SIZE] [--no-cpu] [--json] ...
+    streamload load PATH [plan options] [--json-logs]
+    streamload demo [--dir DIR] [--keep]
+
+``--device sim:0=24GiB`` (repeatable) stands for a hypothetical GPU of that size
+(``streamload.testing.SimulatedGPU``); a bare ``--device cuda:1`` names a real one. Without
+``--device`` the live devices are used (``LoadParams(devices="auto")``).
+
+Exit status: 0 on success; 2 for a bad argument or any ``StreamloadError`` (one line on stderr,
+``streamload: error: ...``, never a traceback); 130 when interrupted (Ctrl-C cancels a load
+cleanly: everything it placed is released).
+
+This is the one place in streamload that configures logging: ``--json-logs`` sends every load
+event to stderr as a JSON line; otherwise the library's log lines are dropped and the events are
+shown as tables, a progress bar and re-plan notices. ``rich`` (the ``cli`` extra) is used when it
+is installed, plain text otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
+
+import anyio
+import structlog
+import torch
+
+import streamload
+from streamload import events
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from streamload.testing import SimulatedGPU
+
+__all__ = ["main", "parse_paged_attention", "parse_size"]
+
+MiB = 2**20
+GiB = 2**30
+
+# --------------------------------------------------------------------------------------------
+# Parsing at the edge: strings -> typed values
+
+
+_UNITS: Mapping[str, int] = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(text: str) -> int:
+    """A byte count from ``"24GiB"``, ``"24GB"``, ``"512MiB"``, ``"1.5TiB"`` or ``"4096"``.
+
+    Units are case-insensitive: ``KB MB GB TB`` are powers of 1000, ``KiB MiB GiB TiB`` powers
+    of 1024, ``B`` or none means bytes. A bare ``G`` or ``M`` is refused as ambiguous. The result
+    must be a whole number of bytes; anything else raises ``ValueError``.
+    """
+    match = _SIZE.fullmatch(text)
+    unit = _UNITS.get(match.group(2).lower()) if match else None
+    if match is None or unit is None:
+        raise ValueError(
+            f"bad size {text!r}: expected a number with an optional unit "
+            "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB"
+        )
+    value = Decimal(match.group(1)) * unit
+    if value != value.to_integral_value():
+        raise ValueError(f"bad size {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """``1536 -> '1.50 KiB'``: binary units, two decimals (the inverse of ``parse_size``)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{n} B" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"
+
+
+_PAGED_FORMS = "off, context, context:TOKENS, mb:MIB, util:FRACTION"
+
+
+def parse_paged_attention(text: str) -> streamload.PagedAttention | None:
+    """``--paged-attention`` MODE -> ``PagedAttention`` (default block size) or ``None``.
+
+    ``off`` -> ``None``; ``context`` -> a pool for ``max_seq_len x max_batch_size`` tokens;
+    ``context:8192`` -> ``ContextSize(8192)``; ``mb:4096`` -> ``MbAmount(4096)``;
+    ``util:0.9`` -> ``Utilization(0.9)``. Anything else raises ``ValueError``.
+    """
+    mode, _, value = text.strip().lower().partition(":")
+    memory: streamload.ContextSize | streamload.MbAmount | streamload.Utilization | None
+    try:
+        if mode == "off" and not value:
+            return None
+        if mode == "context" and not value:
+            memory = None
+        elif mode == "context":
+            memory = streamload.ContextSize(int(value))
+        elif mode == "mb" and value:
+            memory = streamload.MbAmount(int(value))
+        elif mode == "util" and value:
+            memory = streamload.Utilization(float(value))
+        else:
+            raise ValueError("unknown mode")
+    except ValueError as exc:
+        problem = "" if str(exc) == "unknown mode" or "literal" in str(exc) else f" ({exc})"
+        raise ValueError(
+            f"bad paged-attention mode {text!r}{problem}: expected one of {_PAGED_FORMS}"
+        ) from None
+    return streamload.PagedAttention(memory=memory)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceArg:
+    """One ``--device``: ``NAME=SIZE`` is a simulated GPU, a bare ``NAME`` a real device."""
+
+    name: str
+    total_bytes: int | None
+
+
+def parse_device(text: str) -> DeviceArg:
+    """``"sim:0=24GiB" -> DeviceArg("sim:0", 25769803776)``; ``"cuda:1" -> DeviceArg("cuda:1",
+    None)``. The CPU is not a ``--device`` (see ``--cpu-memory`` and ``--no-cpu``)."""
+    name, sep, size = text.partition("=")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"bad device {text!r}: expected NAME=SIZE, e.g. sim:0=24GiB")
+    if name == "cpu":
+        raise ValueError("the CPU is always used last: size it with --cpu-memory, drop it --no-cpu")
+    return DeviceArg(name, parse_size(size) if sep else None)
+
+
+def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` whose ``ValueError`` message is shown as it is."""
+
+    @functools.wraps(parse)
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise ValueError(f"{text!r} is not positive")
+    return value
+
+
+def _dtype(text: str) -> torch.dtype:
+    dtype = streamload.LoadParams(dtype=text).target_dtype
+    assert dtype is not None
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Output: tables and lines, through rich when it is installed
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A table to print; ``right`` holds the indexes of right-aligned (numeric) columns."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    right: frozenset[int] = frozenset()
+
+
+def plain_table(table: Table) -> str:
+    """``table`` as aligned plain text: title, header, dashes, rows."""
+    widths = [len(c) for c in table.columns]
+    for row in table.rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            cell.rjust(w) if i in table.right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    out = [table.title] if table.title else []
+    out += [line(table.columns), line(["-" * w for w in widths])]
+    out += [line(row) for row in table.rows]
+    return "\n".join(out)
+
+
+class Output:
+    """Where human output goes: a rich ``Console`` on stdout if rich is installed, else print."""
+
+    def __init__(self, console: Console | None) -> None:
+        self.console = console
+
+    @classmethod
+    def create(cls, *, use_rich: bool = True) -> Output:
+        if not use_rich:
+            return cls(None)
+        try:
+            from rich.console import Console
+        except ImportError:  # the cli extra is not installed
+            return cls(None)
+        console = Console(highlight=False, soft_wrap=False)
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console.width = max(console.width, 160)  # files and pipes: no wrapped cells
+        return cls(console)
+
+    def line(self, text: str = "") -> None:
+        if self.console is None:
+            print(text, flush=True)
+        else:
+            self.console.print(text, markup=False)
+
+    def table(self, table: Table) -> None:
+        if self.console is None:
+            print(plain_table(table), flush=True)
+            return
+        from rich.table import Table as RichTable
+
+        rich_table = RichTable(title=table.title or None, title_justify="left")
+        for i, name in enumerate(table.columns):
+            last = i == len(table.columns) - 1
+            rich_table.add_column(
+                name, justify="right" if i in table.right else "left", no_wrap=not last
+            )
+        for row in table.rows:
+            rich_table.add_row(*row)
+        self.console.print(rich_table)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _json(data: Any) -> None:
+    print(json.dumps(data, indent=2), flush=True)
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 6] -> "0-2, 5-6"``; ``[] -> "-"``."""
+    runs: list[list[int]] = []
+    for index in layers:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "-"
+
+
+def _assignment(layer_devices: Sequence[str]) -> str:
+    """``("a", "a", "b") -> "a 0-1 | b 2"``: which layers each device holds, in order."""
+    held: dict[str, list[int]] = {}
+    for index, device in enumerate(layer_devices):
+        held.setdefault(device, []).append(index)
+    return " | ".join(f"{device} {_ranges(layers)}" for device, layers in held.items()) or "-"
+
+
+# --------------------------------------------------------------------------------------------
+# inspect
+
+
+def spec_summary(spec: streamload.ModelSpec) -> dict[str, Any]:
+    """The JSON-ready inventory ``inspect`` prints (its human form is drawn from this too)."""
+    facts = spec.facts
+    layer_bytes = [layer.nbytes for layer in spec.layers]
+    dtypes: dict[str, dict[str, int]] = {}
+    for entry in spec.checkpoint.tensors.values():
+        row = dtypes.setdefault(entry.dtype, {"tensors": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["bytes"] += entry.nbytes
+    return {
+        "path": str(spec.checkpoint.root),
+        "files": [str(shard.path) for shard in spec.checkpoint.shards],
+        "tensors": len(spec.checkpoint.tensors),
+        "target_dtype": spec.target_dtype,
+        "activation_dtype": spec.activation_dtype,
+        "total_bytes": spec.total_bytes,
+        "stored_bytes": spec.checkpoint.total_bytes,
+        "layers": {
+            "count": len(spec.layers),
+            "bytes": sum(layer_bytes),
+            "min_bytes": min(layer_bytes, default=0),
+            "max_bytes": max(layer_bytes, default=0),
+            "items": [
+                {
+                    "index": layer.index,
+                    "prefix": layer.prefix,
+                    "tensors": len(layer.tensors),
+                    "bytes": layer.nbytes,
+                    "stored_bytes": layer.stored_bytes,
+                    "sliding_window": layer.sliding_window,
+                }
+                for layer in spec.layers
+            ],
+        },
+        "non_mapped": [
+            {
+                "name": part.name,
+                "tensors": len(part.tensors),
+                "bytes": part.nbytes,
+                "stored_bytes": part.stored_bytes,
+                "sub_model": part.sub_model,
+            }
+            for part in spec.non_mapped
+        ],
+        "dtypes": dict(sorted(dtypes.items())),
+        "tied": dict(spec.tied),
+        "config": {
+            "model_type": facts.model_type,
+            "num_hidden_layers": facts.num_hidden_layers,
+            "hidden_size": facts.hidden_size,
+            "intermediate_size": facts.intermediate_size,
+            "num_attention_heads": facts.num_attention_heads,
+            "num_key_value_heads": facts.num_key_value_heads,
+            "head_dim": facts.head_dim,
+            "vocab_size": facts.vocab_size,
+            "sliding_window": facts.sliding_window,
+            "kv_kind": facts.kv_kind,
+            "kv_lora_rank": facts.kv_lora_rank,
+            "tie_word_embeddings": facts.tie_word_embeddings,
+            "vision": None if facts.vision is None else dataclasses.asdict(facts.vision),
+        },
+    }
+
+
+def _show_spec(summary: Mapping[str, Any], out: Output) -> None:
+    layers = summary["layers"]
+    config = summary["config"]
+    low, high = layers["min_bytes"], layers["max_bytes"]
+    per_layer = format_size(low) if low == high else f"{format_size(low)} to {format_size(high)}"
+    loads_as = summary["target_dtype"] or "as stored"
+    facts = [
+        ("checkpoint", f"{summary['path']} ({_plural(len(summary['files']), 'file')})"),
+        ("tensors", str(summary["tensors"])),
+        ("total", f"{format_size(summary['total_bytes'])} loaded ({loads_as})"),
+        ("on disk", format_size(summary["stored_bytes"])),
+        ("layers", f"{layers['count']} x {per_layer} = {format_size(layers['bytes'])}"),
+        ("dtypes", ", ".join(f"{k} x {v['tensors']}" for k, v in summary["dtypes"].items())),
+        ("model_type", str(config["model_type"])),
+        ("hidden size", str(config["hidden_size"])),
+        ("heads", f"{config['num_attention_heads']} (kv heads {config['num_key_value_heads']})"),
+        ("head dim", str(config["head_dim"])),
+        ("vocab", str(config["vocab_size"])),
+        ("sliding window", str(config["sliding_window"] or "-")),
+        ("kv cache", str(config["kv_kind"])),
+    ]
+    if summary["tied"]:
+        facts.append(("tied", ", ".join(f"{a} = {b}" for a, b in summary["tied"].items())))
+    if config["vision"] is not None:
+        vision = config["vision"]
+        facts.append(("vision", f"{vision['kind']}, image {vision['image_size']}"))
+    out.table(Table("model", ("fact", "value"), tuple(facts)))
+    dtype_rows = tuple(
+        (code, str(row["tensors"]), format_size(row["bytes"]))
+        for code, row in summary["dtypes"].items()
+    )
+    out.table(
+        Table("dtypes (stored)", ("dtype", "tensors", "bytes"), dtype_rows, frozenset({1, 2}))
+    )
+    part_rows = tuple(
+        (part["name"], str(part["tensors"]), format_size(part["bytes"]), part["sub_model"] or "-")
+        for part in summary["non_mapped"]
+    )
+    out.table(
+        Table(
+            "non-mapped parts (on the primary device)",
+            ("name", "tensors", "bytes", "sub-model"),
+            part_rows,
+            frozenset({1, 2}),
+        )
+    )
+
+
+def _cmd_inspect(args: argparse.Namespace, out: Output) -> int:
+    spec = streamload.inspect(args.path, args.dtype)
+    summary = spec_summary(spec)
+    if args.json:
+        _json(summary)
+    else:
+        _show_spec(summary, out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """What ``plan``/``load``/``demo`` run with: the parameters, the simulated GPUs among the
+    devices (so a caller can reach them), and the inputs as JSON for ``--json``."""
+
+    params: streamload.LoadParams
+    simulated: tuple[SimulatedGPU, ...]
+    inputs: dict[str, Any]
+
+
+def _setup(args: argparse.Namespace) -> Setup:
+    given: list[DeviceArg] = args.device or []
+    names = [d.name for d in given]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise ValueError(f"--device {duplicate} is given twice")
+    if args.block_size is not None and args.paged_attention is None:
+        raise ValueError("--block-size needs --paged-attention")
+    simulated: list[SimulatedGPU] = []
+    devices: list[Any] = []
+    if given:
+        from streamload.testing import SimulatedGPU
+
+        for arg in given:
+            if arg.total_bytes is None:
+                devices.append(arg.name)
+            else:
+                gpu = SimulatedGPU(arg.name, total_bytes=arg.total_bytes)
+                simulated.append(gpu)
+                devices.append(gpu)
+    elif args.no_cpu:
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if not devices:
+            raise ValueError("--no-cpu without --device: no CUDA GPU is visible")
+    if devices and not args.no_cpu:
+        devices.append("cpu")
+    paged = args.paged_attention
+    if paged is not None and args.block_size is not None:
+        paged = dataclasses.replace(paged, block_size=args.block_size)
+    overrides: dict[str, Any] = {}
+    if args.gpu_reserve is not None:
+        overrides["reserve_min_bytes"] = args.gpu_reserve
+    if args.host_reserve is not None:
+        overrides["host_reserve_bytes"] = args.host_reserve
+    params = streamload.LoadParams(
+        devices=devices or "auto",
+        dtype=args.dtype,
+        max_seq_len=args.max_seq_len,
+        max_batch_size=args.max_batch_size,
+        paged_attention=paged,
+        cpu_policy=args.cpu_policy,
+        cpu_memory_bytes=args.cpu_memory,
+        **overrides,
+    )
+    inputs = {
+        "path": str(args.path),
+        "devices": [
+            {"name": d.name, "simulated": d.total_bytes is not None, "total_bytes": d.total_bytes}
+            for d in given
+        ]
+        or "auto",
+        "cpu": not args.no_cpu,
+        "cpu_memory_bytes": params.cpu_memory_bytes,
+        "cpu_policy": params.cpu_policy,
+        "dtype": params.target_code,
+        "max_seq_len": params.max_seq_len,
+        "max_batch_size": params.max_batch_size,
+        "paged_attention": paged_summary(paged),
+        "reserve_fraction": params.reserve_fraction,
+        "reserve_min_bytes": params.reserve_min_bytes,
+        "host_reserve_bytes": params.host_reserve_bytes,
+    }
+    return Setup(params, tuple(simulated), inputs)
+
+
+def paged_summary(paged: streamload.PagedAttention | None) -> dict[str, Any] | None:
+    """``PagedAttention`` as JSON: ``{"memory": {"kind": "context", "tokens": 8192}, ...}``."""
+    if paged is None:
+        return None
+    memory = paged.memory
+    kind = {
+        streamload.ContextSize: "context",
+        streamload.MbAmount: "mb",
+        streamload.Utilization: "util",
+    }.get(type(memory), "context")
+    fields = {} if memory is None else dataclasses.asdict(memory)
+    cache = paged.cache_dtype
+    return {
+        "memory": {"kind": kind, **fields},
+        "block_size": paged.block_size,
+        "cache_dtype": None if cache is None else str(cache).removeprefix("torch."),
+    }
+
+
+def plan_table(plan: streamload.Plan, title: str = "plan") -> Table:
+    """One row per device of ``plan``: what it holds and what that costs."""
+    rows = []
+    for row in plan.devices:
+        notes = ["non-mapped parts"] if row.holds_non_mapped else []
+        if row.note:
+            notes.append(row.note)
+        rows.append(
+            (
+                row.device,
+                _ranges(row.layers),
+                str(len(row.layers)),
+                format_size(row.weight_bytes),
+                format_size(row.kv_bytes),
+                format_size(row.activation_bytes),
+                format_size(row.reserve_bytes),
+                format_size(row.capacity_bytes),
+                format_size(row.headroom_bytes),
+                "; ".join(notes) or "-",
+            )
+        )
+    columns = (
+        "device",
+        "layers",
+        "#",
+        "weights",
+        "KV",
+        "activations",
+        "reserve",
+        "capacity",
+        "headroom",
+        "note",
+    )
+    return Table(title, columns, tuple(rows), frozenset(range(2, 9)))
+
+
+def paged_status(plan: streamload.Plan) -> str:
+    """One line on the KV cache: paged (blocks per layer), off, or fallen back and why."""
+    if plan.paged_attention:
+        blocks = "" if plan.paged_blocks is None else f", {plan.paged_blocks} blocks per layer"
+        return f"paged attention: on{blocks} (KV cache {plan.kv_cache_dtype})"
+    if plan.paged_attention_reason is not None:
+        return f"paged attention: fell back to non-paged KV sizing: {plan.paged_attention_reason}"
+    return f"paged attention: off (KV cache {plan.kv_cache_dtype}, non-paged)"
+
+
+def _show_plan(plan: streamload.Plan, out: Output) -> None:
+    out.table(plan_table(plan))
+    out.line(f"primary device: {plan.primary}   cpu policy: {plan.cpu_policy}")
+    out.line(paged_status(plan))
+
+
+def _cmd_plan(args: argparse.Namespace, out: Output) -> int:
+    setup = _setup(args)
+    plan = streamload.plan(args.path, setup.params)
+    if args.json:
+        _json({"inputs": setup.inputs, **plan.to_dict()})
+    else:
+        _show_plan(plan, out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# load: progress, re-plans, report
+
+
+class _Bar(Protocol):
+    def start(self, total: int) -> None: ...
+    def advance(self, nbytes: int, description: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class _RichBar:
+    """A rich progress bar (bytes placed / total, GB/s, current layer and device)."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress: Progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = self.progress.add_task("planning", total=None)
+
+    def start(self, total: int) -> None:
+        self.progress.update(self.task, total=total, description="loading")
+        self.progress.start()
+
+    def advance(self, nbytes: int, description: str) -> None:
+        self.progress.update(self.task, advance=nbytes, description=description)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+class _PlainBar:
+    """Without rich: one rewritten status line on stderr, only when stderr is a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self.total = 0
+        self.done = 0
+        self.started = 0.0
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.started = time.perf_counter()
+
+    def advance(self, nbytes: int, description: str) -> None:
+        self.done += nbytes
+        if not self.live:
+            return
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        percent = 100 * self.done / self.total if self.total else 100.0
+        self.stream.write(
+            f"\r{description}: {format_size(self.done)} / {format_size(self.total)} "
+            f"({percent:.0f}%, {self.done / seconds / 1e9:.2f} GB/s)\x1b[K"
+        )
+        self.stream.flush()
+
+    def stop(self) -> None:
+        if self.live:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+class LoadView:
+    """The ``on_event`` callback of a CLI load: shows the plan when it is computed, drives the
+    progress bar from ``LayerPlaced``, and prints re-plans and fallbacks as they happen."""
+
+    def __init__(self, out: Output | None, total_bytes: int, layers: int, headline: str) -> None:
+        self.out = out
+        self.headline = headline
+        self.total_bytes = total_bytes
+        self.layers = layers
+        console = None if out is None else out.console
+        self.bar: _Bar = _PlainBar(sys.stderr) if console is None else _RichBar(console)
+        self.running = False
+
+    def __enter__(self) -> LoadView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.running:
+            self.bar.stop()
+            self.running = False
+
+    def __call__(self, event: events.Event) -> None:
+        if isinstance(event, events.PlanComputed):
+            if self.out is not None:
+                self.out.line(self.headline)
+                _show_plan(event.plan, self.out)
+            self.bar.start(self.total_bytes)
+            self.running = True
+        elif isinstance(event, events.LayerPlaced):
+            what = event.part if event.layer is None else f"layer {event.layer}/{self.layers - 1}"
+            self.bar.advance(event.nbytes, f"{what} -> {event.device}")
+        elif self.out is None:
+            return
+        elif isinstance(event, events.Replanned):
+            self.out.line(replan_line(event))
+        elif isinstance(event, events.PagedAttentionDisabled):
+            self.out.line(f"paged attention disabled: {event.reason}")
+
+
+def replan_line(event: events.Replanned) -> str:
+    """A re-plan in one line: where, why, the numbers, and the assignment before and after."""
+    at = "before the non-mapped parts" if event.at_layer is None else f"at layer {event.at_layer}"
+    return (
+        f"re-plan {at}: {event.device} {event.reason} "
+        f"(needs {format_size(event.expected_free)}, has {format_size(event.live_free)}): "
+        f"{_assignment(event.old_layer_devices)}  ->  {_assignment(event.new_layer_devices)}"
+    )
+
+
+def report_table(report: events.LoadReport) -> Table:
+    rows = tuple(
+        (
+            d.device,
+            str(d.layers),
+            str(d.tensors),
+            format_size(d.nbytes),
+            f"{d.seconds:.2f}",
+            f"{d.gb_per_s:.2f}",
+        )
+        for d in report.devices
+    )
+    columns = ("device", "layers", "tensors", "bytes", "seconds", "GB/s")
+    return Table("placed", columns, rows, frozenset(range(1, 6)))
+
+
+def _show_report(model: streamload.LoadedModel, out: Output) -> None:
+    report = model.report
+    out.table(report_table(report))
+    out.line(
+        f"loaded {format_size(report.nbytes)} ({report.tensors} tensors) in "
+        f"{report.seconds:.2f} s: {report.gb_per_s:.2f} GB/s read from disk"
+    )
+    out.line(f"re-plans: {len(report.replans)}")
+    for replan in report.replans:
+        out.line(f"  {replan_line(replan)}")
+    if report.replans:
+        out.table(plan_table(model.plan, "plan after re-planning"))
+    if report.fallbacks:
+        out.line("fallbacks: " + "; ".join(f.reason for f in report.fallbacks))
+    else:
+        out.line("fallbacks: none")
+
+
+def report_summary(model: streamload.LoadedModel) -> dict[str, Any]:
+    """The JSON-ready outcome of a load: report, every re-plan, the plan used, where each module
+    went (``placement``: streamload device names; ``device_map``: torch devices, HF form)."""
+    report = model.report
+    return {
+        "report": events.event_fields(events.LoadFinished(report)),
+        "replans": [events.event_fields(replan) for replan in report.replans],
+        "plan": model.plan.to_dict(),
+        "placement": dict(model.placement),
+        "device_map": dict(model.device_map),
+    }
+
+
+def _run_load(
+    path: str | Path,
+    params: streamload.LoadParams,
+    out: Output | None,
+    on_event: Callable[[events.Event], None] | None = None,
+) -> streamload.LoadedModel:
+    """Load ``path`` with a live view (``out=None``: the progress bar only); ``on_event`` (the
+    demo's tenant) runs after the view has shown each event."""
+    spec = streamload.inspect(path, params.dtype)
+    headline = (
+        f"loading {path}: {spec.facts.model_type}, {_plural(len(spec.layers), 'layer')}, "
+        f"{format_size(spec.total_bytes)} ({spec.target_dtype or 'as stored'})"
+    )
+    view = LoadView(out, spec.total_bytes, len(spec.layers), headline)
+
+    def callback(event: events.Event) -> None:
+        view(event)
+        if on_event is not None:
+            on_event(event)
+
+    with view:
+        return anyio.run(functools.partial(streamload.load, path, params, on_event=callback))
+
+
+def _cmd_load(args: argparse.Namespace, out: Output) -> int:
+    setup = _setup(args)
+    model = _run_load(args.path, setup.params, None if args.json else out)
+    try:
+        if args.json:
+            _json({"inputs": setup.inputs, **report_summary(model)})
+        else:
+            _show_report(model, out)
+    finally:
+        model.release()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+_DEMO_LAYERS = 12
+_DEMO_HIDDEN = 1024
+_DEMO_SEQ = 256
+
+
+def _demo_config() -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": _DEMO_HIDDEN,
+        "intermediate_size": 2048,
+        "num_hidden_layers": _DEMO_LAYERS,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+        "vocab_size": 8192,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def write_demo_checkpoint(directory: Path) -> list[Path]:
+    """A dense, random, bf16 Llama-shaped checkpoint with transformers names (~210 MiB) and its
+    ``config.json`` in ``directory``; returns the files written."""
+    from streamload.testing import write_safetensors
+
+    config = _demo_config()
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    generator = torch.Generator().manual_seed(0)
+
+    def weight(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    tensors = {"model.embed_tokens.weight": weight(config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}"
+        tensors |= {
+            f"{prefix}.input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            f"{prefix}.self_attn.q_proj.weight": weight(hidden, hidden),
+            f"{prefix}.self_attn.k_proj.weight": weight(kv, hidden),
+            f"{prefix}.self_attn.v_proj.weight": weight(kv, hidden),
+            f"{prefix}.self_attn.o_proj.weight": weight(hidden, hidden),
+            f"{prefix}.post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            f"{prefix}.mlp.gate_proj.weight": weight(inter, hidden),
+            f"{prefix}.mlp.up_proj.weight": weight(inter, hidden),
+            f"{prefix}.mlp.down_proj.weight": weight(hidden, inter),
+        }
+    tensors["model.norm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+    weights = write_safetensors(directory / "model.safetensors", tensors, {"format": "pt"})
+    config_path = directory / "config.json"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return [weights, config_path]
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSizes:
+    """The demo's simulated GPUs and tenant: sized from the checkpoint so that the plan needs
+    both GPUs and the CPU, and the tenant's grab forces a re-plan."""
+
+    gpu0: int
+    gpu1: int
+    steal: int
+
+
+def demo_sizes(path: Path, params: streamload.LoadParams) -> DemoSizes:
+    """Measure one layer's cost and the activations with a single roomy simulated GPU, then give
+    GPU 0 the non-mapped parts and 4.5 layers, GPU 1 5.5 layers, and the tenant 3 layers."""
+    from streamload.testing import SimulatedGPU
+
+    probe = SimulatedGPU("probe", total_bytes=64 * GiB)
+    roomy = streamload.plan(path, dataclasses.replace(params, devices=[probe]))
+    spec = streamload.inspect(path, params.dtype)
+    row = roomy.devices[0]
+    layer = max(layer.nbytes for layer in spec.layers) + max(roomy.layer_kv_bytes, default=0)
+    fixed = row.reserve_bytes + row.activation_bytes
+    return DemoSizes(
+        gpu0=fixed + spec.non_mapped_bytes + int(4.5 * layer),
+        gpu1=fixed + int(5.5 * layer),
+        steal=3 * layer,
+    )
+
+
+def _cmd_demo(args: argparse.Namespace, out: Output) -> int:
+    from streamload.testing import SimulatedGPU
+
+    made_dir = args.dir is None
+    directory = Path(tempfile.mkdtemp(prefix="streamload-demo-")) if made_dir else args.dir
+    existed = directory.exists()
+    written: list[Path] = []
+    try:
+        started = time.perf_counter()
+        written = write_demo_checkpoint(directory)
+        size = sum(p.stat().st_size for p in written)
+        out.line(
+            f"wrote a random Llama-shaped checkpoint ({_DEMO_LAYERS} layers, hidden "
+            f"{_DEMO_HIDDEN}, bf16, {format_size(size)}) to {directory} "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
+        base = streamload.LoadParams(
+            devices=["cpu"],
+            max_seq_len=_DEMO_SEQ,
+            reserve_fraction=0.0,
+            reserve_min_bytes=16 * MiB,
+            cpu_memory_bytes=4 * GiB,
+            host_reserve_bytes=0,
+            staging_bytes=64 * MiB,
+            chunk_bytes=8 * MiB,
+        )
+        sizes = demo_sizes(directory, base)
+        gpu0 = SimulatedGPU("sim:0", total_bytes=sizes.gpu0)
+        gpu1 = SimulatedGPU("sim:1", total_bytes=sizes.gpu1)
+        params = dataclasses.replace(base, devices=[gpu0, gpu1, "cpu"])
+        planned = streamload.plan(directory, params)
+        first_on_gpu1 = next(
+            (i for i, d in enumerate(planned.layer_devices) if d == gpu1.name),
+            len(planned.layer_devices),
+        )
+        # A LayerPlaced for layer k arrives before layer k + 2 is allocated, so a tenant that
+        # appears then is seen by the recheck before GPU 1's first layer.
+        trigger = max(first_on_gpu1 - 2, 0)
+        out.line(
+            f"simulated GPUs: sim:0 {format_size(sizes.gpu0)}, sim:1 {format_size(sizes.gpu1)}; "
+            f"another tenant will take {format_size(sizes.steal)} of sim:1 "
+            f"once layer {trigger} is placed"
+        )
+        stolen = False
+
+        def tenant(event: events.Event) -> None:
+            nonlocal stolen
+            if isinstance(event, events.LayerPlaced) and event.layer == trigger and not stolen:
+                stolen = True
+                gpu1.steal(sizes.steal)
+                out.line(
+                    f"tenant: took {format_size(sizes.steal)} on sim:1 after layer {trigger} "
+                    f"(live free now {format_size(gpu1.free_bytes)})"
+                )
+
+        model = _run_load(directory, params, out, tenant)
+        try:
+            _show_report(model, out)
+        finally:
+            model.release()
+        if args.keep:
+            out.line(f"kept the checkpoint in {directory}")
+    finally:
+        if not args.keep:
+            if made_dir or not existed:
+                shutil.rmtree(directory, ignore_errors=True)
+            else:
+                for path in written:
+                    path.unlink(missing_ok=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Logging: the one place streamload configures it
+
+
+def _drop(logger: Any, method: str, event_dict: Any) -> NoReturn:
+    raise structlog.DropEvent
+
+
+def _stderr_logger(*args: Any) -> structlog.PrintLogger:
+    # sys.stderr is looked up per log line, so a live progress bar's redirection is honoured.
+    return structlog.PrintLogger(sys.stderr)
+
+
+@contextlib.contextmanager
+def configured_logging(json_logs: bool) -> Iterator[None]:
+    """``json_logs``: every log line as JSON on stderr; else drop the library's lines (the CLI
+    shows the events itself). The previous structlog configuration is restored on exit."""
+    was_configured = structlog.is_configured()
+    saved = structlog.get_config()
+    if json_logs:
+        processors: list[Any] = [
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ]
+    else:
+        processors = [_drop]
+    structlog.configure(
+        processors=processors,
+        logger_factory=_stderr_logger,
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield
+    finally:
+        if was_configured:
+            structlog.configure(**saved)
+        else:
+            structlog.reset_defaults()
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments and main
+
+
+class UsageError(Exception):
+    """A bad command line; ``main`` prints it on one line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _add_plan_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", type=Path, help="checkpoint directory or .safetensors file")
+    parser.add_argument(
+        "--device",
+        action="append",
+        type=_arg(parse_device),
+        metavar="NAME=SIZE",
+        help="a hypothetical GPU, e.g. sim:0=24GiB (repeatable, filled in order); a bare NAME "
+        "such as cuda:1 is a real device; without --device: every visible GPU, then the CPU",
+    )
+    parser.add_argument(
+        "--cpu-memory",
+        type=_arg(parse_size),
+        metavar="SIZE",
+        help="the CPU's memory (default: the host's available memory)",
+    )
+    parser.add_argument("--no-cpu", action="store_true", help="plan the GPUs only")
+    parser.add_argument(
+        "--cpu-policy", choices=("copy", "mmap"), default="copy", help="CPU layers (default copy)"
+    )
+    parser.add_argument(
+        "--dtype", type=_arg(_dtype), help="target dtype of floating tensors (default: as stored)"
+    )
+    parser.add_argument("--max-seq-len", type=_arg(_positive_int), default=4096, metavar="N")
+    parser.add_argument("--max-batch-size", type=_arg(_positive_int), default=1, metavar="N")
+    parser.add_argument(
+        "--paged-attention",
+        type=_arg(parse_paged_attention),
+        default=None,
+        metavar="MODE",
+        help=f"KV cache: {_PAGED_FORMS} (default off)",
+    )
+    parser.add_argument(
+        "--block-size", type=_arg(_positive_int), metavar="N", help="paged KV block size"
+    )
+    parser.add_argument(
+        "--gpu-reserve",
+        type=_arg(parse_size),
+        metavar="SIZE",
+        help="minimum reserve per GPU (default 512MiB; the reserve is max(2%% of total, this))",
+    )
+    parser.add_argument(
+        "--host-reserve",
+        type=_arg(parse_size),
+        metavar="SIZE",
+        help="host memory kept free (default 2GiB)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="streamload",
+        description="Inspect, plan and stream safetensors checkpoints onto GPUs and the CPU.",
+    )
+    parser.add_argument("--version", action="version", version=streamload.__version__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="layers, bytes, dtypes and config facts")
+    inspect.add_argument("path", type=Path, help="checkpoint directory or .safetensors file")
+    inspect.add_argument("--dtype", type=_arg(_dtype), help="count bytes in this dtype")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(run=_cmd_inspect, json_logs=False)
+
+    plan = commands.add_parser("plan", help="the device map a load would start from")
+    _add_plan_options(plan)
+    plan.set_defaults(run=_cmd_plan, json_logs=False)
+
+    load = commands.add_parser("load", help="load with a live progress bar, then report")
+    _add_plan_options(load)
+    load.add_argument("--json-logs", action="store_true", help="log every event as JSON (stderr)")
+    load.set_defaults(run=_cmd_load)
+
+    demo = commands.add_parser(
+        "demo", help="write a small checkpoint and load it over two simulated GPUs and the CPU"
+    )
+    demo.add_argument("--dir", type=Path, help="write the checkpoint here (default: a temp dir)")
+    demo.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+    demo.add_argument("--json-logs", action="store_true", help="log every event as JSON (stderr)")
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (a does-not-fit breakdown becomes ``; ``-separated)."""
+    lines = [line.strip().removeprefix("- ") for line in str(exc).splitlines()]
+    return "; ".join(line for line in lines if line) or type(exc).__name__
+
+
+def _fail(message: str) -> int:
+    print(f"streamload: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, 2 for errors, 130 if interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _fail(str(exc))
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    run: Callable[[argparse.Namespace, Output], int] = args.run
+    try:
+        with configured_logging(args.json_logs):
+            return run(args, Output.create())
+    except KeyboardInterrupt:
+        print("streamload: interrupted; nothing is left loaded", file=sys.stderr, flush=True)
+        return 130
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 1
+    except (streamload.StreamloadError, ValueError, OSError) as exc:
+        return _fail(_one_line(exc))
