@@ -130,8 +130,9 @@ class DevicePlan:
     included on the primary; on the CPU under ``cpu_policy="mmap"`` only bytes that need a dtype
     conversion, the rest being ``mmap_bytes``). ``capacity_bytes`` is the budget base before
     ``reserve_bytes``: free memory (GPU) or the host budget (CPU); in a re-plan, live free
-    memory plus ``loaded_bytes``, the weights of this model already allocated there, so that
-    ``need_bytes <= capacity_bytes`` reads the same in both. ``note`` says why a device holds
+    memory plus ``loaded_bytes``, the weights of this model already allocated there (the CPU
+    with ``cpu_memory_bytes`` set keeps that budget), so that ``need_bytes <= capacity_bytes``
+    reads the same in both. ``note`` says why a device holds
     no (further) layers.
     """
 
@@ -295,7 +296,8 @@ def replan(
 
     - ``capacities`` are live readings for every device of ``previous``, in the same order
       (else ``ValueError``). Weights already loaded are *not* in the live free bytes, so they
-      are not subtracted again; each row's ``capacity_bytes`` is live free plus them.
+      are not subtracted again; each row's ``capacity_bytes`` is live free plus them (for the
+      CPU with ``cpu_memory_bytes`` set: that budget, which the loaded weights count against).
     - KV caches and activations are not allocated yet: a device's room for new layers is live
       free - reserve - activations (if it is the primary or holds or will hold layers) - the KV
       of its already-placed layers. If those fixed charges alone no longer fit a device,
@@ -309,7 +311,7 @@ def replan(
     - ``params`` (and ``activations``) must be those ``previous`` was made with.
     - With live capacities equal to the ones ``previous`` was planned on minus the weights
       already loaded, the result equals ``previous`` except for ``loaded_layers`` and the rows'
-      ``loaded_bytes`` (tested).
+      ``loaded_bytes`` and notes (tested).
 
     ``DoesNotFitError`` if the remaining layers fit nowhere.
     """
@@ -799,15 +801,13 @@ def _note(p: _Problem, slot: _Slot, extra: tuple[int, ...], cursor: int) -> str 
             None if slot.loaded or slot.primary else "unused: every layer is on an earlier device"
         )
     if not slot.eligible:
-        if slot.is_gpu:
-            return f"takes {what}: it comes before the device being loaded when re-planning"
-        return f"takes {what}: paged attention does not run on the CPU"
+        return f"takes {what}: it comes before the device being loaded when re-planning"
     room = _room(p, slot)
     layer = p.kv.layer_bytes[cursor]
     return (
         f"fits {what}: layer {cursor} costs {format_bytes(_layer_weight(p, slot, cursor))} "
         f"weights + {format_bytes(layer)} KV, but {format_bytes(max(room, 0))} is left of "
-        f"{format_bytes(slot.limit)} after fixed charges "
+        f"{format_bytes(max(slot.limit, 0))} after fixed charges "
         f"({format_bytes(_fixed(p, slot, True))}: non-mapped parts, placed layers, "
         f"activations); {slot.budget_text}"
     )
