@@ -152,13 +152,15 @@ def test_llama3_8b_splits_21_11_over_12_then_24_gib() -> None:
     assert 2_101_354_496 + 21 * 436_224_000 == first.weight_bytes
     assert 21 * 16 * MiB == first.kv_bytes
     assert (536_870_912, 536_870_912) == (first.activation_bytes, first.reserve_bytes)
-    assert 12_884_901_888 - 12_348_030_976 + 9_709_805_568 - 21 * 453_001_216 == (
-        first.headroom_bytes + 536_870_912
-    )
+    assert 9_709_805_568 - 21 * 453_001_216 == first.headroom_bytes  # 196,780,032 < a layer
     assert 11 * 436_224_000 == second.weight_bytes
     assert 11 * 16 * MiB == second.kv_bytes
     assert (16 * MiB,) * 32 == result.layer_kv_bytes
-    assert ("BF16", False, None) == (result.kv_cache_dtype, result.paged_attention, None)
+    assert ("BF16", False, None) == (
+        result.kv_cache_dtype,
+        result.paged_attention,
+        result.paged_blocks,
+    )
 
 
 def test_llama3_8b_fits_on_the_24_gib_card_alone() -> None:
@@ -403,8 +405,7 @@ def test_pool_sized_by_memory_needs_a_kv_cache(memory: MbAmount | Utilization) -
 
 
 def test_utilization_fills_the_tightest_gpu() -> None:
-    """Utilization(0.5): layers are placed within half of each card, then the block count is what
-    the tightest card holding layers can afford."""
+    """Utilization(0.5) places layers in half of each card, then sizes blocks by the tightest."""
     # Each layer: 512 MiB weights; one 32-token block costs 32 x 2048 x 2 B = 128 KiB per layer;
     # the default pool is ceil(1024 / 32) = 32 blocks = 4 MiB per layer, so a layer costs 516 MiB.
     # sim:0: budget min(4 GiB free, 0.5 x 4 GiB) = 2048 MiB: 3 layers (1548 MiB), the 4th
@@ -479,8 +480,7 @@ def test_plan_round_trips_through_json() -> None:
 
 
 def test_plan_asks_the_model_for_activations(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without an override, activations come from ``model.activation_bytes`` with the params'
-    chunk and vision settings, and the primary is charged the larger of the two figures."""
+    """Activations come from ``model.activation_bytes`` (chunk, vision); primary pays the max."""
     calls: list[dict[str, Any]] = []
 
     def fake(model: ModelSpec, **kwargs: Any) -> Activations:
@@ -660,9 +660,10 @@ def test_more_free_memory_never_means_fewer_gpu_layers(
     acts: Activations,
     data: st.DataObject,
 ) -> None:
-    """Raising one GPU's free bytes (total unchanged) keeps a plan that fit fitting, never lowers
-    the number of layers on GPUs, and, when both plans use the same KV sizing, leaves every
-    earlier device's layers as they were."""
+    """More free memory on one GPU keeps a fit, never lowers GPU layers, keeps earlier devices."""
+    # Exactly: raising GPU j's free_bytes (total unchanged) keeps a plan that fit fitting and
+    # never lowers the number of layers on GPUs; when both plans use the same KV sizing (same
+    # paged_attention), devices before j hold the same layers and j starts at the same layer.
     before = _try_plan(model, caps, params, acts)
     if before is None:
         return
@@ -709,7 +710,7 @@ def replan_cases(
 def test_replan_never_moves_placed_layers(
     case: tuple[ModelSpec, Plan, int, list[DeviceCapacity], LoadParams, Activations],
 ) -> None:
-    """Layers ``< placed`` keep their device; new layers go only to the loading device or later."""
+    """Layers below ``placed`` stay put; new layers go to the loading device or later ones."""
     model, before, placed, live, params, acts = case
     try:
         after = replan(
