@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from streamload import planner
 from streamload.errors import DoesNotFitError, PlanError
-from streamload.model import Activations, ModelSpec
+from streamload.model import Activations, ModelFacts, ModelSpec
 from streamload.params import (
     ContextSize,
     LoadParams,
@@ -84,6 +84,23 @@ def _without_bookkeeping(result: Plan) -> Plan:
 # The seed's worked case: Llama-3-8B on a 12 GiB and a 24 GiB card
 
 HIDDEN, INTERMEDIATE, VOCAB, KV_WIDTH = 4096, 14336, 128256, 8 * 128
+LLAMA3_8B_FACTS = ModelFacts(
+    model_type="llama",
+    num_hidden_layers=32,
+    hidden_size=HIDDEN,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    v_head_dim=128,
+    vocab_size=VOCAB,
+    intermediate_size=INTERMEDIATE,
+    kv_kind="standard",
+    kv_lora_rank=None,
+    qk_rope_head_dim=None,
+    sliding_window=None,
+    tie_word_embeddings=False,
+    vision=None,
+)
 
 
 def llama3_8b() -> ModelSpec:
@@ -113,7 +130,7 @@ def llama3_8b() -> ModelSpec:
         part("model.norm", 2 * HIDDEN, tensors=("model.norm.weight",)),
         part("lm_head", 2 * VOCAB * HIDDEN, tensors=("lm_head.weight",)),
     ]
-    return spec(layers, parts)
+    return spec(layers, parts, facts=LLAMA3_8B_FACTS)
 
 
 # Activations by DESIGN §4.5 for seq 4096, batch 1, chunk 1024 (f32):
