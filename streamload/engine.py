@@ -39,6 +39,7 @@ import mmap
 import os
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from pathlib import Path
 from types import TracebackType
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import torch
 
@@ -104,14 +106,19 @@ def torch_dtype(code: str) -> torch.dtype:
     return _TORCH_DTYPES[code]
 
 
-def capacities(devices: Sequence[Device], params: LoadParams) -> list[DeviceCapacity]:
+def capacities(
+    devices: Sequence[Device], params: LoadParams, *, scratch: int = 0
+) -> list[DeviceCapacity]:
     """Live capacities of ``devices`` as the planner takes them (blocking: probes devices).
 
-    Bytes other loads in this process hold on a device are subtracted from its free bytes.
+    Bytes other loads in this process hold on a device are subtracted from its free bytes, and
+    so is ``scratch`` on GPUs (the load's dtype-conversion buffers, see ``load``).
     """
     rows = []
     for device in devices:
         free = device.live_free_bytes() - RESERVATIONS.held_by_others(None, device.name)
+        if device.is_gpu:
+            free -= scratch
         rows.append(
             DeviceCapacity(
                 name=device.name,
@@ -319,8 +326,11 @@ class _InFlight:
     done: anyio.Event = field(default_factory=anyio.Event)
 
     def drop(self) -> None:
+        """Forget every tensor (pieces too: a stale frame may still hold a chunk)."""
         self.final.clear()
         self.raw.clear()
+        for chunk in self.chunks:
+            chunk.pieces.clear()
         self.chunks.clear()
         self.fences.clear()
 
@@ -433,7 +443,8 @@ class _Load:
         self.ring: _StagingRing | None = None
         self.limiter = anyio.CapacityLimiter(params.reader_threads)
         self.target = params.target_code
-        self.units_done = 0
+        self.scratch = 0
+        self.units: list[_Unit] = []
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -472,6 +483,13 @@ class _Load:
             if held > 0:
                 RESERVATIONS.reserve(self, row.device, held)
 
+    def _slack(self, device: Device) -> int:
+        """Bytes to add to a live reading to compare it with the plan: this load's raw
+        conversion buffers (freed soon) minus the conversion scratch the plan must leave."""
+        if not device.is_gpu:
+            return 0
+        return self.transient.get(device.name, 0) - self.scratch
+
     def _live_capacities(self) -> list[DeviceCapacity]:
         rows = []
         for row in self.plan.devices:
@@ -481,7 +499,7 @@ class _Load:
                     name=device.name,
                     is_gpu=device.is_gpu,
                     total_bytes=device.total_bytes(),
-                    free_bytes=max(self._live_free(device) + self.transient.get(row.device, 0), 0),
+                    free_bytes=max(self._live_free(device) + self._slack(device), 0),
                 )
             )
         return rows
@@ -494,6 +512,7 @@ class _Load:
             return await self._run(started)
         except BaseException as exc:
             self._release()
+            _scrub(exc)
             error = _single(exc)
             with anyio.CancelScope(shield=True):
                 await self._emit(LoadFailed(error))
@@ -516,7 +535,11 @@ class _Load:
         )
         devices = await anyio.to_thread.run_sync(resolve_devices, params.devices)
         self.devices = {device.name: device for device in devices}
-        caps = await anyio.to_thread.run_sync(capacities, devices, params)
+        self.units = _units(self.spec)
+        self.scratch = 2 * max((self._raw_bytes(unit) for unit in self.units), default=0)
+        caps = await anyio.to_thread.run_sync(
+            lambda: capacities(devices, params, scratch=self.scratch)
+        )
         plan_started = time.perf_counter()
         self.plan = await anyio.to_thread.run_sync(planner.plan, self.spec, caps, params)
         plan_seconds = time.perf_counter() - plan_started
@@ -528,6 +551,8 @@ class _Load:
 
         async with anyio.create_task_group() as group:
             await self._stream(group)
+        # A cancellation requested by the last event callback still cancels the load.
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
         for alias, source in self.spec.tied.items():
             self.tensors[alias] = self.tensors[source]
@@ -542,10 +567,12 @@ class _Load:
         self.fallbacks.append(event)
         await self._emit(event)
 
+    def _raw_bytes(self, unit: _Unit) -> int:
+        return sum(entry.nbytes for entry in unit.entries if self._converts(entry))
+
     async def _stream(self, group: anyio.abc.TaskGroup) -> None:
-        units = _units(self.spec)
         parts_left = self.spec.non_mapped_bytes
-        for unit in units:
+        for unit in self.units:
             while len(self.inflight) >= 2:
                 await self._finish(self.inflight.popleft())
             flight = await self._allocate(unit, parts_left)
@@ -566,9 +593,9 @@ class _Load:
         while True:
             device = self._device_for(unit)
             live = await anyio.to_thread.run_sync(self._live_free, device)
+            need = self._need_rest(device.name, next_layer, parts_left)
             if device.is_gpu:
-                have = live + self.transient.get(device.name, 0)
-                need = self._need_rest(device.name, next_layer, parts_left)
+                have = live + self._slack(device)
                 if have < need:
                     reason = "under-delivered: live free memory is below what its plan still needs"
                     await self._replan(unit, device.name, reason, need, have, parts_left)
@@ -576,10 +603,13 @@ class _Load:
             try:
                 return await anyio.to_thread.run_sync(self._allocate_sync, unit, device, live)
             except torch.OutOfMemoryError as exc:
-                need = self._need_rest(device.name, next_layer, parts_left)
                 reason = f"allocation failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
                 del exc
-                await self._replan(unit, device.name, reason, need, live, parts_left)
+                # The device has less than its reading said: re-plan as if it could not hold
+                # all it was given (at least one layer moves on; repeated failures move more).
+                await self._replan(
+                    unit, device.name, reason, need, live, parts_left, cap=(device.name, need - 1)
+                )
 
     def _allocate_sync(self, unit: _Unit, device: Device, live: int) -> _InFlight:
         final: dict[str, torch.Tensor] = {}
@@ -632,6 +662,7 @@ class _Load:
         expected: int,
         live: int,
         parts_left: int,
+        cap: tuple[str, int] | None = None,
     ) -> None:
         if len(self.replans) >= self.params.max_replans:
             raise ReplanLimitError(
@@ -641,6 +672,12 @@ class _Load:
             )
         old = self.plan
         caps = await anyio.to_thread.run_sync(self._live_capacities)
+        if cap is not None:
+            name, most = cap
+            caps = [
+                c if c.name != name else dataclasses.replace(c, free_bytes=min(c.free_bytes, most))
+                for c in caps
+            ]
         if unit.layer is None:
             # Nothing but (some) non-mapped parts is placed: plan afresh, counting the parts
             # already placed on the primary as free again (the planner charges all of them).
@@ -811,6 +848,23 @@ class _Load:
             self.ring = None
         if self.files is not None:
             self.files.close()
+
+
+def _scrub(exc: BaseException) -> None:
+    """Clear the locals of finished frames in ``exc``'s tracebacks (chained and grouped ones
+    too), so a caller holding the exception does not keep device tensors alive through them."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

@@ -149,11 +149,19 @@ async def test_release_returns_simulated_memory(ckpt: Path) -> None:
     assert [0, 0] == [devices[0].allocated_bytes, devices[1].allocated_bytes]
 
 
-def steal_after(layer: int, gpu: SimulatedGPU, events: list[Event]) -> Any:
+def steal_after(layer: int, gpu: SimulatedGPU, events: list[Event], plan: Any) -> Any:
+    """After ``layer`` is placed, a tenant takes all of ``gpu``'s free memory but what the
+    layers already allocated there (up to ``layer + 1``, in flight) still need: their KV cache
+    and the device's activations. Nothing more fits there afterwards."""
+
     def on_event(event: Event) -> None:
         events.append(event)
         if isinstance(event, LayerPlaced) and event.layer == layer:
-            gpu.steal(gpu.free_bytes - 1)
+            mine = [i for i, d in enumerate(plan.layer_devices) if d == gpu.name and i <= layer + 1]
+            keep = sum(plan.layer_kv_bytes[i] for i in mine)
+            if mine or plan.primary == gpu.name:
+                keep += plan.device(gpu.name).activation_bytes
+            gpu.steal(max(gpu.free_bytes - keep, 0))
 
     return on_event
 
@@ -167,11 +175,12 @@ async def test_under_delivery_after_each_layer_replans_and_stays_exact(
     report and the log."""
     devices = three_way(ckpt)
     gpu1 = devices[1]
-    planned = streamload.plan(ckpt, params(devices)).layer_devices
+    first = streamload.plan(ckpt, params(devices))
+    planned = first.layer_devices
     events: list[Event] = []
     with structlog.testing.capture_logs() as logs:
         model = await streamload.load(
-            ckpt, params(devices), on_event=steal_after(after, gpu1, events)
+            ckpt, params(devices), on_event=steal_after(after, gpu1, events, first)
         )
     assert_identical(model.tensors, reference(ckpt), None)
     moved = [i for i in range(after + 2, LAYERS) if planned[i] == "sim:1"]
@@ -190,6 +199,31 @@ async def test_under_delivery_after_each_layer_replans_and_stays_exact(
         assert [e["event"] for e in logs].count("replanned") == len(replans)
         logged = next(e for e in logs if e["event"] == "replanned")
         assert first.new_layer_devices == tuple(logged["new_layer_devices"])
+
+
+async def test_tenant_taking_what_placed_layers_need_fails_cleanly(ckpt: Path) -> None:
+    """If a tenant takes even the room the already-placed layers' KV cache needs, placed layers
+    cannot move: the load fails with ``DoesNotFitError`` naming the device, and releases
+    everything."""
+    devices: list[Any] = [
+        sized_gpu("sim:0", ckpt, 1.5, primary=True),
+        sized_gpu("sim:1", ckpt, 3.5, primary=False),
+        "cpu",
+    ]
+    gpu1 = devices[1]
+    assert ("sim:0", "sim:1", "sim:1", "sim:1") == streamload.plan(
+        ckpt, params(devices)
+    ).layer_devices[:4]
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, LayerPlaced) and event.layer == 1:
+            gpu1.steal(gpu1.free_bytes)
+
+    with pytest.raises(streamload.DoesNotFitError) as info:
+        await streamload.load(ckpt, params(devices), on_event=on_event)
+    assert "sim:1" in str(info.value)
+    assert [0, 0] == [devices[0].allocated_bytes, devices[1].allocated_bytes]
+    assert [] == open_fds_under(ckpt)
 
 
 async def test_allocation_failure_replans(ckpt: Path) -> None:
@@ -222,9 +256,10 @@ async def test_replan_that_needs_cpu_disables_paged_attention(ckpt: Path) -> Non
     ]
     gpu0 = devices[0]
     p = params(devices, paged_attention=streamload.PagedAttention(block_size=4))
-    assert streamload.plan(ckpt, p).paged_attention
+    first = streamload.plan(ckpt, p)
+    assert first.paged_attention
     events: list[Event] = []
-    model = await streamload.load(ckpt, p, on_event=steal_after(0, gpu0, events))
+    model = await streamload.load(ckpt, p, on_event=steal_after(0, gpu0, events, first))
     disabled = [e for e in events if isinstance(e, PagedAttentionDisabled)]
     assert 1 == len(disabled)
     assert not model.plan.paged_attention
