@@ -174,7 +174,8 @@ def _host_memory(tensor: torch.Tensor) -> memoryview:
 
     The caller keeps ``tensor`` alive while the view is in use.
     """
-    assert tensor.device.type == "cpu" and tensor.is_contiguous()
+    assert tensor.device.type == "cpu"
+    assert tensor.is_contiguous()
     nbytes = tensor.numel() * tensor.element_size()
     array = (ctypes.c_uint8 * nbytes).from_address(tensor.data_ptr())
     return memoryview(array).cast("B")
