@@ -243,19 +243,32 @@ class Output:
         if self.console is None:
             print(text, flush=True)
         else:
-            self.console.print(text, markup=False)
+            self.console.print(text, markup=False, soft_wrap=True)
 
     def table(self, table: Table) -> None:
         if self.console is None:
             print(plain_table(table), flush=True)
             return
+        from rich import box
         from rich.table import Table as RichTable
 
-        rich_table = RichTable(title=table.title or None, title_justify="left")
+        rich_table = RichTable(
+            title=table.title or None,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+            show_edge=False,
+        )
+        last = len(table.columns) - 1
         for i, name in enumerate(table.columns):
-            last = i == len(table.columns) - 1
+            # In a narrow terminal sizes wrap between value and unit and the last column
+            # (notes) gives way; headers and names are never cut.
             rich_table.add_column(
-                name, justify="right" if i in table.right else "left", no_wrap=not last
+                name,
+                justify="right" if i in table.right else "left",
+                min_width=None if i == last else len(name),
+                no_wrap=i == 0,
             )
         for row in table.rows:
             rich_table.add_row(*row)
@@ -513,13 +526,18 @@ def paged_summary(paged: streamload.PagedAttention | None) -> dict[str, Any] | N
     }
 
 
-def plan_table(plan: streamload.Plan, title: str = "plan") -> Table:
-    """One row per device of ``plan``: what it holds and what that costs."""
+def plan_table(plan: streamload.Plan, title: str = "plan") -> tuple[Table, list[str]]:
+    """One row per device of ``plan`` (what it holds and what that costs), and the planner's
+    notes, numbered: the note column holds short tags and ``[n]`` pointing to a note."""
     rows = []
+    notes: list[str] = []
     for row in plan.devices:
-        notes = ["non-mapped parts"] if row.holds_non_mapped else []
+        tags = ["non-mapped parts"] if row.holds_non_mapped else []
+        if row.mmap_bytes:
+            tags.append(f"mmap {format_size(row.mmap_bytes)}")
         if row.note:
-            notes.append(row.note)
+            notes.append(f"[{len(notes) + 1}] {row.device}: {row.note}")
+            tags.append(f"[{len(notes)}]")
         rows.append(
             (
                 row.device,
@@ -531,7 +549,7 @@ def plan_table(plan: streamload.Plan, title: str = "plan") -> Table:
                 format_size(row.reserve_bytes),
                 format_size(row.capacity_bytes),
                 format_size(row.headroom_bytes),
-                "; ".join(notes) or "-",
+                ", ".join(tags) or "-",
             )
         )
     columns = (
@@ -546,7 +564,7 @@ def plan_table(plan: streamload.Plan, title: str = "plan") -> Table:
         "headroom",
         "note",
     )
-    return Table(title, columns, tuple(rows), frozenset(range(2, 9)))
+    return Table(title, columns, tuple(rows), frozenset(range(2, 9))), notes
 
 
 def paged_status(plan: streamload.Plan) -> str:
@@ -559,8 +577,11 @@ def paged_status(plan: streamload.Plan) -> str:
     return f"paged attention: off (KV cache {plan.kv_cache_dtype}, non-paged)"
 
 
-def _show_plan(plan: streamload.Plan, out: Output) -> None:
-    out.table(plan_table(plan))
+def _show_plan(plan: streamload.Plan, out: Output, title: str = "plan") -> None:
+    table, notes = plan_table(plan, title)
+    out.table(table)
+    for note in notes:
+        out.line(note)
     out.line(f"primary device: {plan.primary}   cpu policy: {plan.cpu_policy}")
     out.line(paged_status(plan))
 
@@ -606,6 +627,9 @@ class _RichBar:
             TimeElapsedColumn(),
             console=console,
             transient=True,
+            # Lines written to stderr go above the bar only when stderr is this terminal too;
+            # otherwise (``--json-logs 2> file``) they must reach the file.
+            redirect_stderr=sys.stderr.isatty(),
         )
         self.task = self.progress.add_task("planning", total=None)
 
@@ -701,10 +725,13 @@ def replan_line(event: events.Replanned) -> str:
     )
 
 
-def report_table(report: events.LoadReport) -> Table:
+def report_table(report: events.LoadReport, plan: streamload.Plan) -> Table:
+    """One row per device: the layers it ended up with (``plan`` is the plan used), tensors,
+    bytes, seconds spent placing them and the resulting GB/s."""
     rows = tuple(
         (
             d.device,
+            _ranges([i for i, name in enumerate(plan.layer_devices) if name == d.device]),
             str(d.layers),
             str(d.tensors),
             format_size(d.nbytes),
@@ -713,13 +740,13 @@ def report_table(report: events.LoadReport) -> Table:
         )
         for d in report.devices
     )
-    columns = ("device", "layers", "tensors", "bytes", "seconds", "GB/s")
-    return Table("placed", columns, rows, frozenset(range(1, 6)))
+    columns = ("device", "layers", "#", "tensors", "bytes", "seconds", "GB/s")
+    return Table("placed", columns, rows, frozenset(range(2, 7)))
 
 
 def _show_report(model: streamload.LoadedModel, out: Output) -> None:
     report = model.report
-    out.table(report_table(report))
+    out.table(report_table(report, model.plan))
     out.line(
         f"loaded {format_size(report.nbytes)} ({report.tensors} tensors) in "
         f"{report.seconds:.2f} s: {report.gb_per_s:.2f} GB/s read from disk"
@@ -728,7 +755,10 @@ def _show_report(model: streamload.LoadedModel, out: Output) -> None:
     for replan in report.replans:
         out.line(f"  {replan_line(replan)}")
     if report.replans:
-        out.table(plan_table(model.plan, "plan after re-planning"))
+        table, notes = plan_table(model.plan, "plan after re-planning")
+        out.table(table)
+        for note in notes:
+            out.line(note)
     if report.fallbacks:
         out.line("fallbacks: " + "; ".join(f.reason for f in report.fallbacks))
     else:
