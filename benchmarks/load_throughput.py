@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 METHODS = ("disk", "safetensors", "streamload-cpu", "streamload-mmap", "streamload-sim")
 CHUNK = 16 * 2**20
@@ -192,12 +192,11 @@ def run_streamload(directory: Path, method: str) -> dict[str, Any]:
     import streamload
     from streamload.testing import SimulatedGPU
 
+    policy: Literal["copy", "mmap"] = "mmap" if method == "streamload-mmap" else "copy"
     if method == "streamload-sim":
         devices: list[Any] = [SimulatedGPU("sim:0", total_bytes=64 * 2**30)]
-        policy = "copy"
     else:
         devices = ["cpu"]
-        policy = "mmap" if method == "streamload-mmap" else "copy"
     params = streamload.LoadParams(
         devices=devices, cpu_policy=policy, reserve_min_bytes=0, max_seq_len=256
     )

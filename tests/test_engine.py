@@ -192,13 +192,13 @@ async def test_under_delivery_after_each_layer_replans_and_stays_exact(
     for i in range(min(after + 2, LAYERS)):
         assert planned[i] == model.plan.layer_devices[i]
     if replans:
-        first = replans[0]
-        assert "sim:1" == first.device
-        assert first.live_free < first.expected_free
-        assert planned == first.old_layer_devices
+        replan = replans[0]
+        assert "sim:1" == replan.device
+        assert replan.live_free < replan.expected_free
+        assert planned == replan.old_layer_devices
         assert [e["event"] for e in logs].count("replanned") == len(replans)
         logged = next(e for e in logs if e["event"] == "replanned")
-        assert first.new_layer_devices == tuple(logged["new_layer_devices"])
+        assert replan.new_layer_devices == tuple(logged["new_layer_devices"])
 
 
 async def test_tenant_taking_what_placed_layers_need_fails_cleanly(ckpt: Path) -> None:
