@@ -770,57 +770,33 @@ def build_spec(
 ) -> ModelSpec:
     """Group the checkpoint's tensors into layers and non-mapped parts and size them.
 
-    ``target_dtype`` is a dtype code (``"BF16"``) or ``None`` for as stored. ``ConfigError`` if
-    the config lacks a needed field or no tensor container holds the config's layers.
+    ``target_dtype`` is a dtype code (``"BF16"``) or ``None`` for as stored (``ValueError`` for
+    an unknown code). ``ConfigError`` if the config lacks a needed field or no tensor container
+    holds the config's layers.
     """
     if target_dtype is not None and target_dtype not in DTYPE_SIZES:
         raise ValueError(f"unknown target dtype code {target_dtype!r}")
     path = checkpoint.root / CONFIG_NAME
     facts, windows = _read_facts(config, path)
-    text = _text_fields(config, path)
-
-    towers: dict[str, tuple[str, str | None]] = {}
-    for name in checkpoint.tensors:
-        tower = _tower_root(name)
-        if tower is not None:
-            towers[name] = tower
+    towers = {name: root for name in checkpoint.tensors if (root := _tower_root(name))}
     text_entries = [e for n, e in checkpoint.tensors.items() if n not in towers]
-    quantized = is_quantized(config)
-    layers_field = text.prefix + next(
-        (key for key in _ALIASES["num_hidden_layers"] if text.values.get(key) is not None),
-        "num_hidden_layers",
+    container = _find_container(
+        text_entries, facts.num_hidden_layers, path, _layers_field(_text_fields(config, path))
     )
-    container = _find_container(text_entries, facts.num_hidden_layers, path, layers_field)
-    container_path = container.split(".")
+    outside = (e.name for e in text_entries if not e.name.startswith(container + "."))
+    tied = _find_ties(checkpoint.tensors, outside, facts.tie_word_embeddings)
 
-    layer_of: dict[str, int] = {}
-    for entry in text_entries:
-        match = _FIRST_INDEX.match(entry.name)
-        if match is not None and match[1] == container and int(match[2]) < len(windows):
-            layer_of[entry.name] = int(match[2])
-    tied = _find_ties(
-        checkpoint.tensors,
-        (e.name for e in text_entries if not e.name.startswith(container + ".")),
-        facts.tie_word_embeddings,
+    grouping = _Grouping(
+        container=container,
+        layer_of=_layer_indices(text_entries, container, len(windows)),
+        towers=towers,
+        modality="audio"
+        if "audio_config" in config and "vision_config" not in config
+        else "vision",
+        target_dtype=target_dtype,
+        quantized=is_quantized(config),
     )
-
-    modality = "audio" if "audio_config" in config and "vision_config" not in config else "vision"
-    layer_groups = [_Group() for _ in windows]
-    parts: dict[str, _Group] = {}
-    for name, entry in checkpoint.tensors.items():
-        if name in tied:
-            continue
-        if name in layer_of:
-            group = layer_groups[layer_of[name]]
-        elif name in towers:
-            root, sub_model = towers[name]
-            group = parts.setdefault(root, _Group(sub_model=sub_model or modality))
-        else:
-            group = parts.setdefault(_part_name(name, container_path), _Group())
-        group.tensors.append(name)
-        group.sizes = group.sizes.add(entry, target_dtype, quantized)
-
-    kv = facts.kv_elems_per_token
+    layer_groups, parts = grouping.run(checkpoint, skip=tied, layers=len(windows))
     layers = tuple(
         LayerSpec(
             index=i,
@@ -829,7 +805,7 @@ def build_spec(
             nbytes=group.sizes.nbytes,
             stored_bytes=group.sizes.stored,
             converted_bytes=group.sizes.converted,
-            kv_elems_per_token=kv,
+            kv_elems_per_token=facts.kv_elems_per_token,
             sliding_window=windows[i],
         )
         for i, group in enumerate(layer_groups)
@@ -856,6 +832,55 @@ def build_spec(
         tied=tied,
         has_lm_head=_has_lm_head(facts, checkpoint, non_mapped, tied),
     )
+
+
+def _layers_field(text: _Fields) -> str:
+    """The dotted name of the layer-count field this config uses (for error messages)."""
+    names = _ALIASES["num_hidden_layers"]
+    used = next((key for key in names if text.values.get(key) is not None), names[0])
+    return text.prefix + used
+
+
+def _layer_indices(entries: Iterable[TensorEntry], container: str, layers: int) -> dict[str, int]:
+    """``{tensor: layer index}`` for the container's tensors with index below ``layers``."""
+    found: dict[str, int] = {}
+    for entry in entries:
+        match = _FIRST_INDEX.match(entry.name)
+        if match is not None and match[1] == container and int(match[2]) < layers:
+            found[entry.name] = int(match[2])
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Grouping:
+    """Where each tensor goes: a layer, a tower part, or the part its path names."""
+
+    container: str
+    layer_of: Mapping[str, int]
+    towers: Mapping[str, tuple[str, str | None]]
+    modality: str
+    target_dtype: str | None
+    quantized: bool
+
+    def run(
+        self, checkpoint: Checkpoint, *, skip: Mapping[str, str], layers: int
+    ) -> tuple[list[_Group], dict[str, _Group]]:
+        container_path = self.container.split(".")
+        layer_groups = [_Group() for _ in range(layers)]
+        parts: dict[str, _Group] = {}
+        for name, entry in checkpoint.tensors.items():
+            if name in skip:
+                continue
+            if name in self.layer_of:
+                group = layer_groups[self.layer_of[name]]
+            elif name in self.towers:
+                root, sub_model = self.towers[name]
+                group = parts.setdefault(root, _Group(sub_model=sub_model or self.modality))
+            else:
+                group = parts.setdefault(_part_name(name, container_path), _Group())
+            group.tensors.append(name)
+            group.sizes = group.sizes.add(entry, self.target_dtype, self.quantized)
+        return layer_groups, parts
 
 
 def _has_lm_head(
