@@ -115,26 +115,27 @@ def parse_paged_attention(text: str) -> streamload.PagedAttention | None:
     ``context:8192`` -> ``ContextSize(8192)``; ``mb:4096`` -> ``MbAmount(4096)``;
     ``util:0.9`` -> ``Utilization(0.9)``. Anything else raises ``ValueError``.
     """
-    mode, _, value = text.strip().lower().partition(":")
-    memory: streamload.ContextSize | streamload.MbAmount | streamload.Utilization | None
+    mode, sep, value = text.strip().lower().partition(":")
+    if not sep and mode in ("off", "context"):
+        return None if mode == "off" else streamload.PagedAttention()
+    if not sep or mode not in ("context", "mb", "util"):
+        raise ValueError(f"bad paged-attention mode {text!r}: expected one of {_PAGED_FORMS}")
     try:
-        if mode == "off" and not value:
-            return None
-        if mode == "context" and not value:
-            memory = None
-        elif mode == "context":
-            memory = streamload.ContextSize(int(value))
-        elif mode == "mb" and value:
-            memory = streamload.MbAmount(int(value))
-        elif mode == "util" and value:
-            memory = streamload.Utilization(float(value))
-        else:
-            raise ValueError("unknown mode")
-    except ValueError as exc:
-        problem = "" if str(exc) == "unknown mode" or "literal" in str(exc) else f" ({exc})"
+        number = float(value) if mode == "util" else int(value)
+    except ValueError:
         raise ValueError(
-            f"bad paged-attention mode {text!r}{problem}: expected one of {_PAGED_FORMS}"
+            f"bad paged-attention mode {text!r}: {value!r} is not a number ({_PAGED_FORMS})"
         ) from None
+    memory: streamload.ContextSize | streamload.MbAmount | streamload.Utilization
+    try:
+        if mode == "util":
+            memory = streamload.Utilization(number)
+        elif mode == "mb":
+            memory = streamload.MbAmount(int(number))
+        else:
+            memory = streamload.ContextSize(int(number))
+    except ValueError as exc:
+        raise ValueError(f"bad paged-attention mode {text!r}: {exc}") from None
     return streamload.PagedAttention(memory=memory)
 
 
@@ -434,24 +435,21 @@ def _cmd_inspect(args: argparse.Namespace, out: Output) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Setup:
-    """What ``plan``/``load``/``demo`` run with: the parameters, the simulated GPUs among the
-    devices (so a caller can reach them), and the inputs as JSON for ``--json``."""
+    """What ``plan`` and ``load`` run with: the parameters, and the inputs as JSON (``--json``)."""
 
     params: streamload.LoadParams
-    simulated: tuple[SimulatedGPU, ...]
     inputs: dict[str, Any]
 
 
-def _setup(args: argparse.Namespace) -> Setup:
+def _devices(args: argparse.Namespace) -> list[str | SimulatedGPU]:
+    """``--device`` in order (``NAME=SIZE``: a simulated GPU), then ``"cpu"`` unless
+    ``--no-cpu``; empty for ``"auto"``."""
     given: list[DeviceArg] = args.device or []
     names = [d.name for d in given]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise ValueError(f"--device {duplicate} is given twice")
-    if args.block_size is not None and args.paged_attention is None:
-        raise ValueError("--block-size needs --paged-attention")
-    simulated: list[SimulatedGPU] = []
-    devices: list[Any] = []
+    devices: list[str | SimulatedGPU] = []
     if given:
         from streamload.testing import SimulatedGPU
 
@@ -459,15 +457,19 @@ def _setup(args: argparse.Namespace) -> Setup:
             if arg.total_bytes is None:
                 devices.append(arg.name)
             else:
-                gpu = SimulatedGPU(arg.name, total_bytes=arg.total_bytes)
-                simulated.append(gpu)
-                devices.append(gpu)
+                devices.append(SimulatedGPU(arg.name, total_bytes=arg.total_bytes))
     elif args.no_cpu:
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         if not devices:
             raise ValueError("--no-cpu without --device: no CUDA GPU is visible")
     if devices and not args.no_cpu:
         devices.append("cpu")
+    return devices
+
+
+def _setup(args: argparse.Namespace) -> Setup:
+    if args.block_size is not None and args.paged_attention is None:
+        raise ValueError("--block-size needs --paged-attention")
     paged = args.paged_attention
     if paged is not None and args.block_size is not None:
         paged = dataclasses.replace(paged, block_size=args.block_size)
@@ -477,7 +479,7 @@ def _setup(args: argparse.Namespace) -> Setup:
     if args.host_reserve is not None:
         overrides["host_reserve_bytes"] = args.host_reserve
     params = streamload.LoadParams(
-        devices=devices or "auto",
+        devices=_devices(args) or "auto",
         dtype=args.dtype,
         max_seq_len=args.max_seq_len,
         max_batch_size=args.max_batch_size,
@@ -486,6 +488,7 @@ def _setup(args: argparse.Namespace) -> Setup:
         cpu_memory_bytes=args.cpu_memory,
         **overrides,
     )
+    given: list[DeviceArg] = args.device or []
     inputs = {
         "path": str(args.path),
         "devices": [
@@ -504,7 +507,7 @@ def _setup(args: argparse.Namespace) -> Setup:
         "reserve_min_bytes": params.reserve_min_bytes,
         "host_reserve_bytes": params.host_reserve_bytes,
     }
-    return Setup(params, tuple(simulated), inputs)
+    return Setup(params, inputs)
 
 
 def paged_summary(paged: streamload.PagedAttention | None) -> dict[str, Any] | None:
@@ -603,6 +606,7 @@ def _cmd_plan(args: argparse.Namespace, out: Output) -> int:
 class _Bar(Protocol):
     def start(self, total: int) -> None: ...
     def advance(self, nbytes: int, description: str) -> None: ...
+    def clear(self) -> None: ...
     def stop(self) -> None: ...
 
 
@@ -640,6 +644,9 @@ class _RichBar:
     def advance(self, nbytes: int, description: str) -> None:
         self.progress.update(self.task, advance=nbytes, description=description)
 
+    def clear(self) -> None:
+        """Nothing to do: rich prints the console's lines above the bar."""
+
     def stop(self) -> None:
         self.progress.stop()
 
@@ -670,10 +677,14 @@ class _PlainBar:
         )
         self.stream.flush()
 
-    def stop(self) -> None:
+    def clear(self) -> None:
+        """Erase the status line, so that a line printed next starts at the margin."""
         if self.live:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+
+    def stop(self) -> None:
+        self.clear()
 
 
 class LoadView:
@@ -710,9 +721,15 @@ class LoadView:
         elif self.out is None:
             return
         elif isinstance(event, events.Replanned):
-            self.out.line(replan_line(event))
+            self.line(replan_line(event))
         elif isinstance(event, events.PagedAttentionDisabled):
-            self.out.line(f"paged attention disabled: {event.reason}")
+            self.line(f"paged attention disabled: {event.reason}")
+
+    def line(self, text: str) -> None:
+        """Print a line while the load runs (the demo's tenant speaks through this too)."""
+        if self.out is not None:
+            self.bar.clear()
+            self.out.line(text)
 
 
 def replan_line(event: events.Replanned) -> str:
@@ -782,10 +799,10 @@ def _run_load(
     path: str | Path,
     params: streamload.LoadParams,
     out: Output | None,
-    on_event: Callable[[events.Event], None] | None = None,
+    on_event: Callable[[events.Event, LoadView], None] | None = None,
 ) -> streamload.LoadedModel:
     """Load ``path`` with a live view (``out=None``: the progress bar only); ``on_event`` (the
-    demo's tenant) runs after the view has shown each event."""
+    demo's tenant) runs after the view has shown each event, and may print through it."""
     spec = streamload.inspect(path, params.dtype)
     headline = (
         f"loading {path}: {spec.facts.model_type}, {_plural(len(spec.layers), 'layer')}, "
@@ -796,7 +813,7 @@ def _run_load(
     def callback(event: events.Event) -> None:
         view(event)
         if on_event is not None:
-            on_event(event)
+            on_event(event, view)
 
     with view:
         return anyio.run(functools.partial(streamload.load, path, params, on_event=callback))
@@ -950,12 +967,12 @@ def _cmd_demo(args: argparse.Namespace, out: Output) -> int:
         )
         stolen = False
 
-        def tenant(event: events.Event) -> None:
+        def tenant(event: events.Event, view: LoadView) -> None:
             nonlocal stolen
             if isinstance(event, events.LayerPlaced) and event.layer == trigger and not stolen:
                 stolen = True
                 gpu1.steal(sizes.steal)
-                out.line(
+                view.line(
                     f"tenant: took {format_size(sizes.steal)} on sim:1 after layer {trigger} "
                     f"(live free now {format_size(gpu1.free_bytes)})"
                 )
