@@ -249,7 +249,31 @@ def _metadata(value: object, path: Path) -> dict[str, str]:
 
 
 def _entry(name: str, info: object, path: Path) -> _Raw:
-    """Validate one tensor entry on its own (types, dtype, byte length)."""
+    """Validate one tensor entry on its own (types, dtype, byte length).
+
+    The common case (a well-formed entry) takes a lean path; anything unusual goes through
+    ``_checked_entry``, which names the exact problem.
+    """
+    if type(info) is dict:
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        itemsize = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
+        lists = type(shape) is list and type(offsets) is list
+        if itemsize is not None and lists and len(offsets) == 2:
+            begin, end = offsets
+            ok = type(begin) is int and type(end) is int and 0 <= begin <= end <= _U64_MAX
+            nbytes = itemsize
+            for dim in shape:
+                if type(dim) is not int or dim < 0:
+                    ok = False
+                    break
+                nbytes *= dim
+            if ok and end - begin == nbytes:
+                return begin, end, name, dtype, tuple(shape)
+    return _checked_entry(name, info, path)
+
+
+def _checked_entry(name: str, info: object, path: Path) -> _Raw:
+    """``_entry`` for entries that failed the lean path: raises naming the exact problem."""
     if not isinstance(info, dict):
         raise CorruptHeaderError(path, f"entry is a JSON {_kind(info)}, not an object", tensor=name)
     missing = [field for field in _ENTRY_FIELDS if field not in info]
@@ -327,17 +351,38 @@ def _check_tiling(raws: list[_Raw], path: Path, *, region: int, data_offset: int
         )
 
 
-def _read_shard(path: Path, *, missing: type[CheckpointError]) -> ShardHeader:
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` (fewer only at end of file)."""
+    parts = []
+    while n > 0:
+        chunk = os.pread(fd, n, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        n -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+def _read_shard(
+    path: Path, *, missing: type[CheckpointError], resolved_parent: Path | None = None
+) -> ShardHeader:
     """Open ``path`` (absolute, as the user named it), read prefix + header, validate."""
     try:
-        with open(path, "rb") as file:
-            file_size = os.fstat(file.fileno()).st_size
-            data = file.read(_PREFIX.size)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            file_size = os.fstat(fd).st_size
+            data = os.pread(fd, _PREFIX.size, 0)
             if len(data) == _PREFIX.size:
                 (header_len,) = _PREFIX.unpack(data)
                 if header_len <= MAX_HEADER_BYTES and _PREFIX.size + header_len <= file_size:
-                    data += file.read(header_len)
-        stored = path.resolve()
+                    data += _pread_all(fd, header_len, _PREFIX.size)
+        finally:
+            os.close(fd)
+        if resolved_parent is None or os.path.islink(path):
+            stored = path.resolve()
+        else:  # one resolve per directory, not per shard (hundreds of shards)
+            stored = resolved_parent / path.name
     except FileNotFoundError as exc:
         raise missing(path, "no such file") from exc
     except OSError as exc:
@@ -385,7 +430,15 @@ def _open_sharded(directory: Path, index: Path) -> Checkpoint:
     shard_names = sorted(by_shard)
     for shard in shard_names:
         _check_shard_name(shard, index)
-    headers = [_read_shard(directory / shard, missing=MissingShardError) for shard in shard_names]
+    parent = _resolve(directory)
+    headers = [
+        _read_shard(
+            directory / shard,
+            missing=MissingShardError,
+            resolved_parent=parent if "/" not in shard and "\\" not in shard else None,
+        )
+        for shard in shard_names
+    ]
 
     tensors: dict[str, TensorEntry] = {}
     for shard, header in zip(shard_names, headers, strict=True):

@@ -52,7 +52,7 @@ import anyio.to_thread
 import torch
 
 from streamload import planner
-from streamload.checkpoint import FLOAT_CODES, TensorEntry
+from streamload.checkpoint import TensorEntry
 from streamload.devices import RESERVATIONS, Device, Fence, resolve_devices
 from streamload.errors import (
     CheckpointError,
@@ -452,8 +452,13 @@ class _Load:
     async def _emit(self, event: Event) -> None:
         await emit(event, self.on_event)
 
+    def _placed(self, entry: TensorEntry) -> str:
+        """The dtype code ``entry`` has once placed (the spec decides: floats take the target
+        dtype; integer, FP8 and quantization side tensors keep theirs)."""
+        return self.spec.placed_dtype(entry.name)
+
     def _converts(self, entry: TensorEntry) -> bool:
-        return self.target is not None and entry.dtype in FLOAT_CODES and entry.dtype != self.target
+        return self.target is not None and self._placed(entry) != entry.dtype
 
     def _live_free(self, device: Device) -> int:
         return device.live_free_bytes() - RESERVATIONS.held_by_others(self, device.name)
@@ -621,8 +626,7 @@ class _Load:
             for entry in unit.entries:
                 stored = torch_dtype(entry.dtype)
                 if self._converts(entry):
-                    assert self.target is not None
-                    final[entry.name] = device.empty(entry.shape, torch_dtype(self.target))
+                    final[entry.name] = device.empty(entry.shape, torch_dtype(self._placed(entry)))
                     raw[entry.name] = device.empty(entry.shape, stored)
                     items.append((entry, _byte_view(raw[entry.name])))
                 elif mmap_ok:
