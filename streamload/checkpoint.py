@@ -257,8 +257,13 @@ def _entry(name: str, info: object, path: Path) -> _Raw:
     if type(info) is dict:
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         itemsize = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
-        lists = type(shape) is list and type(offsets) is list
-        if itemsize is not None and lists and len(offsets) == 2:
+        if (
+            type(dtype) is str
+            and itemsize is not None
+            and type(shape) is list
+            and type(offsets) is list
+            and len(offsets) == 2
+        ):
             begin, end = offsets
             ok = type(begin) is int and type(end) is int and 0 <= begin <= end <= _U64_MAX
             nbytes = itemsize
