@@ -1103,7 +1103,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streamload",
         description="Inspect, plan and stream safetensors checkpoints onto GPUs and the CPU.",
     )
-    parser.add_argument("--version", action="version", version=streamload.__version__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {streamload.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="layers, bytes, dtypes and config facts")
@@ -1142,6 +1142,14 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 2 for errors, 130 if interrupted)."""
     parser = build_parser()
@@ -1158,8 +1166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamload: interrupted; nothing is left loaded", file=sys.stderr, flush=True)
         return 130
-    except BrokenPipeError:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+    except BrokenPipeError:  # `streamload plan --json | head`: the reader left
+        _silence_stdout()
         return 1
     except (streamload.StreamloadError, ValueError, OSError) as exc:
         return _fail(_one_line(exc))

@@ -31,7 +31,13 @@ from streamload.cli import (
     plain_table,
     replan_line,
 )
-from streamload.testing import SimulatedGPU, write_safetensors
+from streamload.testing import (
+    SimulatedGPU,
+    TensorShape,
+    write_safetensors,
+    write_sparse_safetensors,
+)
+from streamload.testing._shapes import LLAMA_3_1_405B, llama_shapes
 
 MiB = 2**20
 GiB = 2**30
@@ -377,6 +383,25 @@ def test_plan_no_cpu_gpus_only(
     assert ["sim:0"] == [row["device"] for row in data["devices"]]
 
 
+def test_plan_405b_on_hypothetical_gpus(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A Llama-3.1-405B-shaped header (data region a file hole) planned over four hypothetical
+    80 GiB GPUs and a 1 TiB host: GPUs filled in the order given, the rest on the CPU."""
+    write_sparse_safetensors(
+        tmp_path / "model.safetensors",
+        {name: TensorShape(*value) for name, value in llama_shapes(LLAMA_3_1_405B).items()},
+    )
+    (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA_3_1_405B)))
+    gpus = [arg for i in range(4) for arg in ("--device", f"gpu:{i}=80GiB")]
+    code, out, _ = run(capsys, "plan", tmp_path, *gpus, "--cpu-memory", "1TiB", "--json")
+    data = json.loads(out)
+    layer_devices = data["layer_devices"]
+    order = ["gpu:0", "gpu:1", "gpu:2", "gpu:3", "cpu"]
+    assert (0, 126) == (code, len(layer_devices))
+    assert sorted(layer_devices, key=order.index) == layer_devices
+    assert set(order) == set(layer_devices)
+    assert "cpu" == layer_devices[-1]
+
+
 # --------------------------------------------------------------------------------------------
 # Bad arguments: one line on stderr, exit status 2
 
@@ -436,7 +461,7 @@ def test_help_and_version_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert 0 == code
     assert "--device NAME=SIZE" in out
     code, out, _ = run(capsys, "--version")
-    assert (0, streamload.__version__) == (code, out.strip())
+    assert (0, f"streamload {streamload.__version__}") == (code, out.strip())
 
 
 def test_python_dash_m_help() -> None:
