@@ -49,9 +49,10 @@ Placement
     Invariant (tested): the number of layers placed on GPUs is the end of a greedy prefix fill,
     and each device's end index is non-decreasing both in where it starts and in its budget.
     Hence, for any layer sizes, raising one GPU's ``free_bytes`` (its ``total_bytes``
-    unchanged) leaves every earlier device's layers unchanged, never decreases the number of
-    layers on GPUs, and never turns a plan that fits into one that does not. (Raising
-    ``total_bytes`` can *lower* the budget, because the reserve is a fraction of the total.)
+    unchanged) never decreases the number of layers on GPUs and never turns a plan that fits
+    into one that does not; when both plans use the same KV sizing (the paged fallback can
+    switch it), every earlier device keeps its layers and the raised one holds at least as
+    many. (Raising ``total_bytes`` can *lower* the budget: the reserve is a fraction of it.)
 
 Paged attention (``params.paged_attention``), mirroring mistral.rs's memory modes
     The paged cache does not run on the CPU, so the paged plan fills the GPUs only. If layers
@@ -92,7 +93,7 @@ from typing import Any
 
 from streamload.checkpoint import DTYPE_SIZES
 from streamload.errors import DeviceNeed, DoesNotFitError, PlanError, format_bytes
-from streamload.model import Activations, LayerSpec, ModelSpec, activation_bytes
+from streamload.model import Activations, ModelSpec, activation_bytes, layer_kv_bytes
 from streamload.params import (
     ContextSize,
     LoadParams,
@@ -393,15 +394,6 @@ def _activations(spec: ModelSpec, params: LoadParams) -> Activations:
     )
 
 
-def _layer_kv(
-    layer: LayerSpec, *, tokens: int, batch: int, itemsize: int, apply_window: bool
-) -> int:
-    """``kv_elems_per_token x cached tokens x batch x itemsize``; the window caps the tokens."""
-    window = layer.sliding_window
-    cached = min(tokens, window) if apply_window and window is not None else tokens
-    return layer.kv_elems_per_token * cached * batch * itemsize
-
-
 @dataclass(frozen=True, slots=True)
 class _Kv:
     """KV sizing of one planning attempt: bytes per layer, cache dtype, pool blocks if paged."""
@@ -416,7 +408,7 @@ def _contiguous_kv(spec: ModelSpec, params: LoadParams) -> _Kv:
     """Non-paged: ``max_batch_size x min(max_seq_len, window)`` tokens per layer."""
     itemsize = DTYPE_SIZES[spec.activation_dtype]
     sizes = tuple(
-        _layer_kv(
+        layer_kv_bytes(
             layer,
             tokens=params.max_seq_len,
             batch=params.max_batch_size,
@@ -432,7 +424,9 @@ def _pool_kv(spec: ModelSpec, dtype: str, blocks: int, block_size: int) -> _Kv:
     """Paged: ``blocks x block_size`` tokens in every layer, no window cap."""
     itemsize = DTYPE_SIZES[dtype]
     sizes = tuple(
-        _layer_kv(layer, tokens=blocks * block_size, batch=1, itemsize=itemsize, apply_window=False)
+        layer_kv_bytes(
+            layer, tokens=blocks * block_size, batch=1, itemsize=itemsize, apply_window=False
+        )
         for layer in spec.layers
     )
     return _Kv(sizes, dtype, blocks, block_size)
