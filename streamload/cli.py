@@ -11,7 +11,7 @@
 
 Exit status: 0 on success; 2 for a bad argument or any ``StreamloadError`` (one line on stderr,
 ``streamload: error: ...``, never a traceback); 130 when interrupted (Ctrl-C cancels a load
-cleanly: everything it placed is released).
+cleanly: everything it placed is released); 1 when the reader of stdout went away.
 
 This is the one place in streamload that configures logging: ``--json-logs`` sends every load
 event to stderr as a JSON line; otherwise the library's log lines are dropped and the events are
@@ -51,7 +51,18 @@ if TYPE_CHECKING:
 
     from streamload.testing import SimulatedGPU
 
-__all__ = ["main", "parse_paged_attention", "parse_size"]
+__all__ = [
+    "DeviceArg",
+    "Table",
+    "build_parser",
+    "format_size",
+    "main",
+    "parse_device",
+    "parse_paged_attention",
+    "parse_size",
+    "plain_table",
+    "replan_line",
+]
 
 MiB = 2**20
 GiB = 2**30
@@ -228,9 +239,7 @@ class Output:
         self.console = console
 
     @classmethod
-    def create(cls, *, use_rich: bool = True) -> Output:
-        if not use_rich:
-            return cls(None)
+    def create(cls) -> Output:
         try:
             from rich.console import Console
         except ImportError:  # the cli extra is not installed
@@ -860,9 +869,12 @@ def _demo_config() -> dict[str, Any]:
     }
 
 
-def write_demo_checkpoint(directory: Path) -> list[Path]:
-    """A dense, random, bf16 Llama-shaped checkpoint with transformers names (~210 MiB) and its
-    ``config.json`` in ``directory``; returns the files written."""
+_DEMO_FILES = ("model.safetensors", "config.json")
+
+
+def write_demo_checkpoint(directory: Path) -> int:
+    """A dense, random, bf16 Llama-shaped checkpoint with transformers names (~220 MiB) and its
+    ``config.json`` in ``directory`` (``_DEMO_FILES``); returns the bytes written."""
     from streamload.testing import write_safetensors
 
     config = _demo_config()
@@ -873,25 +885,43 @@ def write_demo_checkpoint(directory: Path) -> list[Path]:
     def weight(*shape: int) -> torch.Tensor:
         return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
 
+    def norm() -> torch.Tensor:
+        return torch.ones(hidden, dtype=torch.bfloat16)
+
     tensors = {"model.embed_tokens.weight": weight(config["vocab_size"], hidden)}
     for i in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{i}"
         tensors |= {
-            f"{prefix}.input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            f"{prefix}.input_layernorm.weight": norm(),
             f"{prefix}.self_attn.q_proj.weight": weight(hidden, hidden),
             f"{prefix}.self_attn.k_proj.weight": weight(kv, hidden),
             f"{prefix}.self_attn.v_proj.weight": weight(kv, hidden),
             f"{prefix}.self_attn.o_proj.weight": weight(hidden, hidden),
-            f"{prefix}.post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            f"{prefix}.post_attention_layernorm.weight": norm(),
             f"{prefix}.mlp.gate_proj.weight": weight(inter, hidden),
             f"{prefix}.mlp.up_proj.weight": weight(inter, hidden),
             f"{prefix}.mlp.down_proj.weight": weight(hidden, inter),
         }
-    tensors["model.norm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
-    weights = write_safetensors(directory / "model.safetensors", tensors, {"format": "pt"})
-    config_path = directory / "config.json"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-    return [weights, config_path]
+    tensors["model.norm.weight"] = norm()
+    weights_name, config_name = _DEMO_FILES
+    weights = write_safetensors(directory / weights_name, tensors, {"format": "pt"})
+    (directory / config_name).write_text(json.dumps(config, indent=2) + "\n")
+    return weights.stat().st_size + (directory / config_name).stat().st_size
+
+
+def _demo_params() -> streamload.LoadParams:
+    """Small reserves and a short context suit the demo's small GPUs; a fixed host budget makes
+    the plan the same on every machine."""
+    return streamload.LoadParams(
+        devices=["cpu"],
+        max_seq_len=_DEMO_SEQ,
+        reserve_fraction=0.0,
+        reserve_min_bytes=16 * MiB,
+        cpu_memory_bytes=4 * GiB,
+        host_reserve_bytes=0,
+        staging_bytes=64 * MiB,
+        chunk_bytes=8 * MiB,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -922,75 +952,78 @@ def demo_sizes(path: Path, params: streamload.LoadParams) -> DemoSizes:
     )
 
 
-def _cmd_demo(args: argparse.Namespace, out: Output) -> int:
+def _tenant(gpu: SimulatedGPU, nbytes: int, after_layer: int) -> Callable[[Any, LoadView], None]:
+    """An ``on_event`` that has another tenant take ``nbytes`` of ``gpu`` once ``after_layer``
+    is placed, and says so."""
+    taken = False
+
+    def on_event(event: events.Event, view: LoadView) -> None:
+        nonlocal taken
+        if isinstance(event, events.LayerPlaced) and event.layer == after_layer and not taken:
+            taken = True
+            gpu.steal(nbytes)
+            view.line(
+                f"tenant: took {format_size(nbytes)} on {gpu.name} after layer {after_layer} "
+                f"(live free now {format_size(gpu.free_bytes)})"
+            )
+
+    return on_event
+
+
+def _demo_load(directory: Path, out: Output) -> None:
+    """Plan over two simulated GPUs and the CPU, load with a tenant arriving on GPU 1 before its
+    first layer, report."""
     from streamload.testing import SimulatedGPU
 
+    base = _demo_params()
+    sizes = demo_sizes(directory, base)
+    gpu0 = SimulatedGPU("sim:0", total_bytes=sizes.gpu0)
+    gpu1 = SimulatedGPU("sim:1", total_bytes=sizes.gpu1)
+    params = dataclasses.replace(base, devices=[gpu0, gpu1, "cpu"])
+    layer_devices = streamload.plan(directory, params).layer_devices
+    first_on_gpu1 = next(
+        (i for i, name in enumerate(layer_devices) if name == gpu1.name), len(layer_devices)
+    )
+    # A LayerPlaced for layer k arrives before layer k + 2 is allocated, so a tenant that
+    # appears then is seen by the recheck before GPU 1's first layer.
+    trigger = max(first_on_gpu1 - 2, 0)
+    out.line(
+        f"simulated GPUs: sim:0 {format_size(sizes.gpu0)}, sim:1 {format_size(sizes.gpu1)}; "
+        f"another tenant will take {format_size(sizes.steal)} of sim:1 "
+        f"once layer {trigger} is placed"
+    )
+    model = _run_load(directory, params, out, _tenant(gpu1, sizes.steal, trigger))
+    try:
+        _show_report(model, out)
+    finally:
+        model.release()
+
+
+def _cmd_demo(args: argparse.Namespace, out: Output) -> int:
     made_dir = args.dir is None
-    directory = Path(tempfile.mkdtemp(prefix="streamload-demo-")) if made_dir else args.dir
+    directory: Path = Path(tempfile.mkdtemp(prefix="streamload-demo-")) if made_dir else args.dir
+    present = [name for name in _DEMO_FILES if (directory / name).exists()]
+    if present:
+        raise ValueError(f"--dir {directory} already holds {', '.join(present)}; not overwriting")
     existed = directory.exists()
-    written: list[Path] = []
     try:
         started = time.perf_counter()
-        written = write_demo_checkpoint(directory)
-        size = sum(p.stat().st_size for p in written)
+        directory.mkdir(parents=True, exist_ok=True)
+        size = write_demo_checkpoint(directory)
         out.line(
             f"wrote a random Llama-shaped checkpoint ({_DEMO_LAYERS} layers, hidden "
             f"{_DEMO_HIDDEN}, bf16, {format_size(size)}) to {directory} "
             f"in {time.perf_counter() - started:.1f} s"
         )
-        base = streamload.LoadParams(
-            devices=["cpu"],
-            max_seq_len=_DEMO_SEQ,
-            reserve_fraction=0.0,
-            reserve_min_bytes=16 * MiB,
-            cpu_memory_bytes=4 * GiB,
-            host_reserve_bytes=0,
-            staging_bytes=64 * MiB,
-            chunk_bytes=8 * MiB,
-        )
-        sizes = demo_sizes(directory, base)
-        gpu0 = SimulatedGPU("sim:0", total_bytes=sizes.gpu0)
-        gpu1 = SimulatedGPU("sim:1", total_bytes=sizes.gpu1)
-        params = dataclasses.replace(base, devices=[gpu0, gpu1, "cpu"])
-        planned = streamload.plan(directory, params)
-        first_on_gpu1 = next(
-            (i for i, d in enumerate(planned.layer_devices) if d == gpu1.name),
-            len(planned.layer_devices),
-        )
-        # A LayerPlaced for layer k arrives before layer k + 2 is allocated, so a tenant that
-        # appears then is seen by the recheck before GPU 1's first layer.
-        trigger = max(first_on_gpu1 - 2, 0)
-        out.line(
-            f"simulated GPUs: sim:0 {format_size(sizes.gpu0)}, sim:1 {format_size(sizes.gpu1)}; "
-            f"another tenant will take {format_size(sizes.steal)} of sim:1 "
-            f"once layer {trigger} is placed"
-        )
-        stolen = False
-
-        def tenant(event: events.Event, view: LoadView) -> None:
-            nonlocal stolen
-            if isinstance(event, events.LayerPlaced) and event.layer == trigger and not stolen:
-                stolen = True
-                gpu1.steal(sizes.steal)
-                view.line(
-                    f"tenant: took {format_size(sizes.steal)} on sim:1 after layer {trigger} "
-                    f"(live free now {format_size(gpu1.free_bytes)})"
-                )
-
-        model = _run_load(directory, params, out, tenant)
-        try:
-            _show_report(model, out)
-        finally:
-            model.release()
+        _demo_load(directory, out)
         if args.keep:
             out.line(f"kept the checkpoint in {directory}")
     finally:
-        if not args.keep:
-            if made_dir or not existed:
-                shutil.rmtree(directory, ignore_errors=True)
-            else:
-                for path in written:
-                    path.unlink(missing_ok=True)
+        if not args.keep and (made_dir or not existed):
+            shutil.rmtree(directory, ignore_errors=True)
+        elif not args.keep:  # a folder the user had: remove only what the demo wrote
+            for name in _DEMO_FILES:
+                (directory / name).unlink(missing_ok=True)
     return 0
 
 

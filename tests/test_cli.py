@@ -430,6 +430,7 @@ BAD_ARGUMENTS: list[tuple[str, list[str]]] = [
     ("nonexistent path", ["inspect", "{missing}"]),
     ("nonexistent path for load", ["load", "{missing}", "--device", "sim:0=1GiB"]),
     ("corrupt header", ["inspect", "{corrupt}"]),
+    ("demo over a checkpoint", ["demo", "--dir", "{ckpt}"]),
     ("does not fit", ["plan", "{ckpt}", "--device", "sim:0=1MiB", "--no-cpu"]),
     ("does not fit on load", ["load", "{ckpt}", "--device", "sim:0=1MiB", "--no-cpu"]),
 ]
@@ -592,6 +593,16 @@ def test_demo_replans_and_cleans_up(capsys: pytest.CaptureFixture[str], tmp_path
     assert "plan after re-planning" in out
     assert not target.exists()
     assert seconds < 30
+
+
+def test_demo_never_overwrites(capsys: pytest.CaptureFixture[str], checkpoint: Path) -> None:
+    """``--dir`` pointing at a folder that already holds a checkpoint is refused (exit 2) and
+    the files there are left as they were."""
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    code, _, err = run(capsys, "demo", "--dir", checkpoint)
+    assert (2, 1) == (code, len(err.splitlines()))
+    assert "not overwriting" in err
+    assert before == {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
 
 
 def test_demo_keep(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
