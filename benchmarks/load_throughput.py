@@ -92,7 +92,7 @@ def ensure_checkpoint(directory: Path, size_gb: float) -> Path:
     shapes, config = llama_shaped(size_gb)
     gen = torch.Generator().manual_seed(0)
     tensors = {
-        name: torch.randn(shape, generator=gen, dtype=torch.float32).to(torch.bfloat16)
+        name: torch.randn(shape, generator=gen, dtype=torch.bfloat16)
         for name, shape in shapes.items()
     }
     write_sharded(directory, tensors, num_shards=4, sparse=False, config=config)

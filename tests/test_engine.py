@@ -23,6 +23,7 @@ from streamload.events import (
     Replanned,
 )
 from streamload.testing import SimulatedGPU
+from tests.conftest import BlockingIOGuard
 from tests.engine_support import (
     llama_config,
     llama_tensors,
@@ -424,3 +425,18 @@ async def test_event_loop_keeps_ticking_during_a_large_load(tmp_path: Path) -> N
         done.set()
     assert model.report.nbytes > 2**30
     assert max(gaps) < 0.5
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("placement", ["mixed", "cpu-mmap"])
+async def test_no_file_io_runs_on_the_event_loop(
+    ckpt: Path, placement: str, anyio_backend: str, no_blocking_io: BlockingIOGuard
+) -> None:
+    """Inventory, planning, reads, memory maps and closing all happen off the event loop's
+    thread (the fixture fails the test otherwise), also on failure."""
+    devices, extra = devices_for(placement, ckpt)
+    with no_blocking_io.watch():
+        model = await streamload.load(ckpt, params(devices, **extra))
+        with pytest.raises(streamload.StreamloadError):
+            await streamload.load(ckpt / "missing", params(["cpu"]))
+    assert_identical(model.tensors, reference(ckpt), None)
