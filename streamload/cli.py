@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DeviceArg",
+    "LoadView",
+    "Output",
     "Table",
     "build_parser",
     "format_size",
@@ -585,7 +587,8 @@ def paged_status(plan: streamload.Plan) -> str:
         blocks = "" if plan.paged_blocks is None else f", {plan.paged_blocks} blocks per layer"
         return f"paged attention: on{blocks} (KV cache {plan.kv_cache_dtype})"
     if plan.paged_attention_reason is not None:
-        return f"paged attention: fell back to non-paged KV sizing: {plan.paged_attention_reason}"
+        reason = plan.paged_attention_reason.removeprefix("paged attention disabled: ")
+        return f"paged attention: off, fell back to non-paged KV sizing: {reason}"
     return f"paged attention: off (KV cache {plan.kv_cache_dtype}, non-paged)"
 
 
@@ -708,6 +711,7 @@ class LoadView:
         console = None if out is None else out.console
         self.bar: _Bar = _PlainBar(sys.stderr) if console is None else _RichBar(console)
         self.running = False
+        self.shown: str | None = None  # the fallback reason the plan's status line gave
 
     def __enter__(self) -> LoadView:
         return self
@@ -722,6 +726,7 @@ class LoadView:
             if self.out is not None:
                 self.out.line(self.headline)
                 _show_plan(event.plan, self.out)
+                self.shown = event.plan.paged_attention_reason
             self.bar.start(self.total_bytes)
             self.running = True
         elif isinstance(event, events.LayerPlaced):
@@ -731,8 +736,8 @@ class LoadView:
             return
         elif isinstance(event, events.Replanned):
             self.line(replan_line(event))
-        elif isinstance(event, events.PagedAttentionDisabled):
-            self.line(f"paged attention disabled: {event.reason}")
+        elif isinstance(event, events.PagedAttentionDisabled) and event.reason != self.shown:
+            self.line(f"fallback: {event.reason}")
 
     def line(self, text: str) -> None:
         """Print a line while the load runs (the demo's tenant speaks through this too)."""

@@ -23,6 +23,8 @@ import streamload
 from streamload import events
 from streamload.cli import (
     DeviceArg,
+    LoadView,
+    Output,
     Table,
     main,
     parse_device,
@@ -361,7 +363,7 @@ def test_plan_paged_attention_falls_back_when_the_cpu_is_needed(
     assert (0, False) == (code, data["paged_attention"])
     assert data["paged_attention_reason"]
     code, out, _ = run(capsys, *argv)
-    assert "paged attention: fell back to non-paged KV sizing: " in out
+    assert "paged attention: off, fell back to non-paged KV sizing: " in out
 
 
 def test_plan_no_cpu_gpus_only(
@@ -572,6 +574,29 @@ def test_ctrl_c_cancels_the_load_cleanly(
     assert 130 == code
     assert ["streamload: interrupted; nothing is left loaded"] == err.splitlines()
     assert [0, 0] == [gpu.allocated_bytes for gpu in seen]
+
+
+def test_load_view_prints_replans_and_new_fallbacks_only(
+    capsys: pytest.CaptureFixture[str], checkpoint: Path
+) -> None:
+    """During a load the view shows the plan once, each re-plan as it happens, and a fallback
+    only when the plan's own status line has not already given that reason."""
+    gpu = SimulatedGPU("sim:0", total_bytes=GiB)
+    params = streamload.LoadParams(
+        devices=[gpu, "cpu"], max_seq_len=64, paged_attention=streamload.PagedAttention()
+    )
+    plan = streamload.plan(checkpoint, params)
+    view = LoadView(Output(None), total_bytes=100, layers=LAYERS, headline="loading x")
+    replan = events.Replanned("sim:0", "under-delivered", 2, 1, ("sim:0",), ("cpu",), 0)
+    with view:
+        view(events.PlanComputed(plan))
+        view(events.LayerPlaced(0, "sim:0", 100, 0.1, 10, 0))
+        view(replan)
+        view(events.PagedAttentionDisabled("the re-plan needs the CPU"))
+    lines = capsys.readouterr().out.splitlines()
+    assert (True, "loading x") == (plan.paged_attention, lines[0])
+    expected = [replan_line(replan), "fallback: the re-plan needs the CPU"]
+    assert expected == lines[-2:]
 
 
 # --------------------------------------------------------------------------------------------
