@@ -16,8 +16,8 @@ baselines measured in the same run:
 - ``disk``: 8 threads ``pread``-ing 16 MiB chunks into reused buffers (the read limit).
 
 ``--cold`` evicts the files from the page cache (``posix_fadvise(DONTNEED)``) before every run.
-Peak host memory is the process's peak RSS minus its RSS before loading, minus the bytes placed
-(a simulated GPU's memory is host memory too).
+Peak host memory is the process's peak RSS (``VmHWM``) minus its RSS once the libraries are
+imported, minus the bytes placed (a simulated GPU's memory is host memory too).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -133,7 +132,13 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak RSS (``VmHWM``; unlike ``ru_maxrss`` it is not inherited from the
+    parent across ``exec``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # --- the methods (each runs in a fresh process) --------------------------------------------
@@ -244,6 +249,14 @@ RUNNERS: dict[str, Callable[[Path], dict[str, Any]]] = {
 
 
 def run_one(method: str, directory: Path) -> dict[str, Any]:
+    # Import everything any method needs first, so the baseline includes the libraries.
+    import anyio  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+
+    import streamload
+    import streamload.testing  # noqa: F401
+
     base = rss_bytes()
     result = RUNNERS[method](directory)
     result["extra_host_bytes"] = peak_rss_bytes() - base - result["placed"]
@@ -317,11 +330,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_one(args.child, args.dir)))
         return 0
-    directory = ensure_checkpoint(args.dir, args.size_gb)
+    if args.write_only:
+        ensure_checkpoint(args.dir, args.size_gb)
+        return 0
+    # Written in a child process, so this driver never holds the tensors.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.load_throughput",
+            "--write-only",
+            "--dir",
+            str(args.dir),
+            "--size-gb",
+            str(args.size_gb),
+        ],
+        check=True,
+    )
+    directory = args.dir
     result = measure(directory, args.methods.split(","), args.rounds, args.cold)
     result["ratios"] = ratios(result)
     result["checkpoint_bytes"] = sum(p.stat().st_size for p in shard_files(directory))
