@@ -31,6 +31,7 @@ pytest: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) -m benchmarks
 
 clean:
