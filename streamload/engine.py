@@ -578,9 +578,12 @@ class _Load:
 
     async def _stream(self, group: anyio.abc.TaskGroup) -> None:
         parts_left = self.spec.non_mapped_bytes
-        for unit in self.units:
+        for index, unit in enumerate(self.units):
             while len(self.inflight) >= 2:
                 await self._finish(self.inflight.popleft())
+            ahead = self.units[index + 2] if index + 2 < len(self.units) else None
+            if ahead is not None and not self.mmap_only(ahead):
+                group.start_soon(self._prefetch, ahead)
             flight = await self._allocate(unit, parts_left)
             if unit.layer is None:
                 parts_left -= unit.nbytes
@@ -589,6 +592,26 @@ class _Load:
             group.start_soon(self._fill, flight)
         while self.inflight:
             await self._finish(self.inflight.popleft())
+
+    def mmap_only(self, unit: _Unit) -> bool:
+        """Whether ``unit`` will be memory-mapped rather than read (nothing to prefetch)."""
+        return self.params.cpu_policy == "mmap" and not self._device_for(unit).is_gpu
+
+    async def _prefetch(self, unit: _Unit) -> None:
+        """Ask the kernel to start reading ``unit``'s bytes into the page cache now, so the disk
+        works ahead of the two-unit allocation window (no process memory is used)."""
+        await anyio.to_thread.run_sync(self._advise, unit)
+
+    def _advise(self, unit: _Unit) -> None:
+        if not hasattr(os, "posix_fadvise") or self.files is None:
+            return
+        runs: dict[Path, tuple[int, int]] = {}
+        for entry in unit.entries:
+            start, end = runs.get(entry.path, (entry.offset, entry.end))
+            runs[entry.path] = (min(start, entry.offset), max(end, entry.end))
+        for path, (start, end) in runs.items():
+            with contextlib.suppress(OSError, StreamloadError):
+                os.posix_fadvise(self.files.fd(path), start, end - start, os.POSIX_FADV_WILLNEED)
 
     def _device_for(self, unit: _Unit) -> Device:
         name = self.plan.primary if unit.layer is None else self.plan.layer_devices[unit.layer]

@@ -193,7 +193,7 @@ class LoadParams:
     attention_chunk: int = 1024
     staging_bytes: int = 256 * MiB
     chunk_bytes: int = 16 * MiB
-    reader_threads: int = 4
+    reader_threads: int = 8
     max_replans: int = 8
 
     def __post_init__(self) -> None:
