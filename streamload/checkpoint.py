@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import reprlib
 import stat
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 
 from streamload.errors import (
@@ -193,8 +194,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 _PREFIX = struct.Struct("<Q")
 _U64_MAX = 2**64 - 1
 _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
-# (begin, end, name, dtype, shape) of one header entry, validated on its own.
-_Raw = tuple[int, int, str, str, tuple[int, ...]]
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+# (begin, end) relative to the data region, then name: the order tensors are checked in.
+_BY_OFFSET = operator.attrgetter("offset", "nbytes", "name")
+# (begin, end, name) of one entry, for the tiling check's messages.
+_Span = tuple[int, int, str]
 
 
 def _parse(data: bytes, *, display: Path, stored: Path, file_size: int) -> ShardHeader:
@@ -221,17 +225,13 @@ def _parse(data: bytes, *, display: Path, stored: Path, file_size: int) -> Shard
     document = _load_json(data[_PREFIX.size : data_offset], display, "header")
     if not isinstance(document, dict):
         raise CorruptHeaderError(display, f"header is a JSON {_kind(document)}, not an object")
-    metadata = _metadata(document.get("__metadata__"), display)
-    raws = [
-        _entry(name, info, display) for name, info in document.items() if name != "__metadata__"
-    ]
-    raws.sort()  # by (begin, end); names break ties, so later fields are never compared
-    _check_tiling(raws, display, region=file_size - data_offset, data_offset=data_offset)
-    tensors = tuple(
-        TensorEntry(name, stored, dtype, shape, data_offset + begin, end - begin)
-        for begin, end, name, dtype, shape in raws
-    )
-    return ShardHeader(stored, file_size, data_offset, tensors, metadata)
+    metadata = _metadata(document.pop("__metadata__", None), display)
+    tensors = [_entry(name, info, display, stored, data_offset) for name, info in document.items()]
+    tensors.sort(key=_BY_OFFSET)  # then by size and name, as (begin, end, name)
+    if not _tiles(tensors, data_offset, file_size):
+        raws = [(e.offset - data_offset, e.end - data_offset, e.name) for e in tensors]
+        _check_tiling(raws, display, region=file_size - data_offset, data_offset=data_offset)
+    return ShardHeader(stored, file_size, data_offset, tuple(tensors), metadata)
 
 
 def _metadata(value: object, path: Path) -> dict[str, str]:
@@ -248,36 +248,59 @@ def _metadata(value: object, path: Path) -> dict[str, str]:
     return value
 
 
-def _entry(name: str, info: object, path: Path) -> _Raw:
-    """Validate one tensor entry on its own (types, dtype, byte length).
+# Slot setters of ``TensorEntry``'s fields, in order (unpacking fails if a field is added).
+_SET_NAME, _SET_PATH, _SET_DTYPE, _SET_SHAPE, _SET_OFFSET, _SET_NBYTES = (
+    getattr(TensorEntry, field.name).__set__ for field in fields(TensorEntry)
+)
+
+
+def _new_entry(
+    name: str, path: Path, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int
+) -> TensorEntry:
+    """``TensorEntry(name, path, dtype, shape, offset, nbytes)`` in half the time.
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``; a big
+    checkpoint has thousands of entries, so this sets the slots directly (``TensorEntry`` has
+    no ``__post_init__`` to run).
+    """
+    entry = object.__new__(TensorEntry)
+    _SET_NAME(entry, name)
+    _SET_PATH(entry, path)
+    _SET_DTYPE(entry, dtype)
+    _SET_SHAPE(entry, shape)
+    _SET_OFFSET(entry, offset)
+    _SET_NBYTES(entry, nbytes)
+    return entry
+
+
+def _entry(name: str, info: object, path: Path, stored: Path, data_offset: int) -> TensorEntry:
+    """Validate one tensor entry on its own (types, dtype, byte length) and build it.
 
     The common case (a well-formed entry) takes a lean path; anything unusual goes through
-    ``_checked_entry``, which names the exact problem.
+    ``_checked_entry``, which names the exact problem. Messages name ``path``; the entry
+    carries ``stored`` and the absolute offset.
     """
     if type(info) is dict:
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        itemsize = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
-        if (
-            type(dtype) is str
-            and itemsize is not None
-            and type(shape) is list
-            and type(offsets) is list
-            and len(offsets) == 2
-        ):
-            begin, end = offsets
-            ok = type(begin) is int and type(end) is int and 0 <= begin <= end <= _U64_MAX
-            nbytes = itemsize
-            for dim in shape:
-                if type(dim) is not int or dim < 0:
-                    ok = False
-                    break
-                nbytes *= dim
-            if ok and end - begin == nbytes:
-                return begin, end, name, dtype, tuple(shape)
-    return _checked_entry(name, info, path)
+        if type(dtype) is str and type(shape) is list and type(offsets) is list:
+            nbytes = DTYPE_SIZES.get(dtype)
+            if nbytes is not None and len(offsets) == 2:
+                begin, end = offsets
+                ok = type(begin) is int and type(end) is int and 0 <= begin <= end <= _U64_MAX
+                for dim in shape:
+                    if type(dim) is not int or dim < 0:
+                        ok = False
+                        break
+                    nbytes *= dim
+                if ok and end - begin == nbytes:
+                    return _new_entry(
+                        name, stored, dtype, tuple(shape), data_offset + begin, nbytes
+                    )
+    begin, end, dtype, shape = _checked_entry(name, info, path)
+    return TensorEntry(name, stored, dtype, shape, data_offset + begin, end - begin)
 
 
-def _checked_entry(name: str, info: object, path: Path) -> _Raw:
+def _checked_entry(name: str, info: object, path: Path) -> tuple[int, int, str, tuple[int, ...]]:
     """``_entry`` for entries that failed the lean path: raises naming the exact problem."""
     if not isinstance(info, dict):
         raise CorruptHeaderError(path, f"entry is a JSON {_kind(info)}, not an object", tensor=name)
@@ -320,14 +343,24 @@ def _checked_entry(name: str, info: object, path: Path) -> _Raw:
             f"{tuple(shape)} needs {expected}",
             tensor=name,
         )
-    return begin, end, name, dtype, tuple(shape)
+    return begin, end, dtype, tuple(shape)
 
 
-def _check_tiling(raws: list[_Raw], path: Path, *, region: int, data_offset: int) -> None:
+def _tiles(tensors: list[TensorEntry], data_offset: int, file_size: int) -> bool:
+    """Whether sorted entries cover the data region exactly (``_check_tiling`` says how not)."""
+    cursor = data_offset
+    for entry in tensors:
+        if entry.offset != cursor:
+            return False
+        cursor += entry.nbytes
+    return cursor == file_size
+
+
+def _check_tiling(raws: list[_Span], path: Path, *, region: int, data_offset: int) -> None:
     """Sorted entries must cover ``[0, region)`` exactly: no hole, no overlap, no tail."""
     cursor = 0
     previous = ""
-    for begin, end, name, _, _ in raws:
+    for begin, end, name in raws:
         if begin < cursor:
             raise CorruptHeaderError(
                 path,
@@ -344,7 +377,7 @@ def _check_tiling(raws: list[_Raw], path: Path, *, region: int, data_offset: int
             )
         cursor, previous = end, name
     if cursor > region:
-        begin, end, name, _, _ = next(raw for raw in raws if raw[1] > region)
+        begin, end, name = next(raw for raw in raws if raw[1] > region)
         raise TruncatedDataError(
             path,
             f"ends at byte {data_offset + end} but the file has only {data_offset + region}",
@@ -358,7 +391,12 @@ def _check_tiling(raws: list[_Raw], path: Path, *, region: int, data_offset: int
 
 def _pread_all(fd: int, n: int, offset: int) -> bytes:
     """``n`` bytes at ``offset`` (fewer only at end of file)."""
-    parts = []
+    first = os.pread(fd, n, offset)
+    if len(first) == n:
+        return first  # one read, almost always
+    parts = [first]
+    n -= len(first)
+    offset += len(first)
     while n > 0:
         chunk = os.pread(fd, n, offset)
         if not chunk:
@@ -370,11 +408,16 @@ def _pread_all(fd: int, n: int, offset: int) -> bytes:
 
 
 def _read_shard(
-    path: Path, *, missing: type[CheckpointError], resolved_parent: Path | None = None
+    path: Path, *, missing: type[CheckpointError], stored: Path | None = None
 ) -> ShardHeader:
-    """Open ``path`` (absolute, as the user named it), read prefix + header, validate."""
+    """Open ``path`` (absolute, as the user named it), read prefix + header, validate.
+
+    Entries carry ``stored``: a caller that knows ``path`` is no symlink passes its resolved
+    directory joined with the file name (one resolve per directory, not per shard). ``None``:
+    ``path`` resolved.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, _OPEN_FLAGS)
         try:
             file_size = os.fstat(fd).st_size
             data = os.pread(fd, _PREFIX.size, 0)
@@ -384,10 +427,8 @@ def _read_shard(
                     data += _pread_all(fd, header_len, _PREFIX.size)
         finally:
             os.close(fd)
-        if resolved_parent is None or os.path.islink(path):
+        if stored is None:
             stored = path.resolve()
-        else:  # one resolve per directory, not per shard (hundreds of shards)
-            stored = resolved_parent / path.name
     except FileNotFoundError as exc:
         raise missing(path, "no such file") from exc
     except OSError as exc:
@@ -428,23 +469,40 @@ def _single(directory: Path, file: Path) -> Checkpoint:
 
 
 def _open_sharded(directory: Path, index: Path) -> Checkpoint:
-    weight_map = _read_index(index)
+    weight_map, shard_names = _read_index(index)
+    for shard in shard_names:
+        _check_shard_name(shard, index)
+    root = _resolve(directory)
+    links = _symlinks(directory)
+    headers = []
+    for shard in shard_names:
+        path = directory / shard
+        if "/" in shard or "\\" in shard or _is_link(shard, path, links):
+            stored = None  # in a subdirectory, or a symlink: resolved on its own
+        else:
+            stored = path if root == directory else root / shard
+        headers.append(_read_shard(path, missing=MissingShardError, stored=stored))
+
+    tensors = {entry.name: entry for header in headers for entry in header.tensors}
+    placed = {
+        e.name: shard for shard, h in zip(shard_names, headers, strict=True) for e in h.tensors
+    }
+    if placed != weight_map or len(tensors) != sum(len(h.tensors) for h in headers):
+        _check_against_index(directory, index, weight_map, shard_names, headers)
+    return Checkpoint(root=root, shards=tuple(headers), tensors=tensors)
+
+
+def _check_against_index(
+    directory: Path,
+    index: Path,
+    weight_map: Mapping[str, str],
+    shard_names: list[str],
+    headers: list[ShardHeader],
+) -> None:
+    """Name the first disagreement between index and shards (``_open_sharded`` found one)."""
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(name)
-    shard_names = sorted(by_shard)
-    for shard in shard_names:
-        _check_shard_name(shard, index)
-    parent = _resolve(directory)
-    headers = [
-        _read_shard(
-            directory / shard,
-            missing=MissingShardError,
-            resolved_parent=parent if "/" not in shard and "\\" not in shard else None,
-        )
-        for shard in shard_names
-    ]
-
     tensors: dict[str, TensorEntry] = {}
     for shard, header in zip(shard_names, headers, strict=True):
         for entry in header.tensors:
@@ -474,11 +532,26 @@ def _open_sharded(directory: Path, index: Path) -> Checkpoint:
                 else f"shard holds a tensor that {index.name} places in {weight_map[extra]}"
             )
             raise IndexMismatchError(directory / shard, problem, tensor=extra)
-    return Checkpoint(root=_resolve(directory), shards=tuple(headers), tensors=tensors)
 
 
-def _read_index(index: Path) -> dict[str, str]:
-    """Read ``*.index.json``; return its ``weight_map`` (tensor name -> shard file name)."""
+def _symlinks(directory: Path) -> set[str] | None:
+    """The names of the symlinks in ``directory`` (one listing, not a ``stat`` per shard);
+    ``None`` if it cannot be listed (the shards may still be readable)."""
+    try:
+        with os.scandir(directory) as entries:
+            return {entry.name for entry in entries if entry.is_symlink()}
+    except OSError:
+        return None
+
+
+def _is_link(name: str, path: Path, links: set[str] | None) -> bool:
+    """Whether ``path`` (``directory / name``) is a symlink; ``links`` from ``_symlinks``."""
+    return name in links if links is not None else os.path.islink(path)
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], list[str]]:
+    """Read ``*.index.json``; return its ``weight_map`` (tensor name -> shard file name) and the
+    shard names it uses, sorted."""
     try:
         raw = index.read_bytes()
     except OSError as exc:
@@ -493,16 +566,23 @@ def _read_index(index: Path) -> dict[str, str]:
         raise CorruptHeaderError(index, f"weight_map is a JSON {_kind(weight_map)}, not an object")
     if not weight_map:
         raise CorruptHeaderError(index, "weight_map is empty")
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
-            raise CorruptHeaderError(
-                index, f"weight_map value {_short(shard)} is not a file name", tensor=name
-            )
-    return weight_map
+    try:
+        shards = set(weight_map.values())  # a few hundred names to check, not every tensor's
+    except TypeError:  # an unhashable value: checked below
+        shards = set()
+    if not shards or not all(isinstance(shard, str) and shard for shard in shards):
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise CorruptHeaderError(
+                    index, f"weight_map value {_short(shard)} is not a file name", tensor=name
+                )
+    return weight_map, sorted(shards)
 
 
 def _check_shard_name(shard: str, index: Path) -> None:
     """A shard must be a relative path inside the checkpoint directory."""
+    if "/" not in shard and "\\" not in shard and shard != "..":
+        return  # a plain file name (almost always): nothing to split
     parts = PurePosixPath(shard.replace("\\", "/")).parts
     if shard.startswith(("/", "\\")) or os.path.isabs(shard) or ".." in parts:
         raise CorruptHeaderError(

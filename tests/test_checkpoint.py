@@ -3,6 +3,7 @@ agreement with ``safetensors.safe_open``, and a fuzzer over ``parse_header``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import time
@@ -643,6 +644,123 @@ def test_open_many_shards_is_fast(tmp_path: Path) -> None:
     assert best < 0.5, f"opening 170 shards took {best * 1000:.1f} ms"
 
 
+def test_open_sharded_symlinked_shards_carry_their_targets(tmp_path: Path) -> None:
+    """Shards that link elsewhere (HF cache snapshots) carry the resolved blob paths, while a
+    plain shard beside them carries its own path and errors name the link."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    first = shard(blobs, "1111", ["a"])
+    second = shard(blobs, "2222", ["b"])
+    snapshot.mkdir()
+    (snapshot / "s1.safetensors").symlink_to(first)
+    (snapshot / "s2.safetensors").symlink_to(second)
+    plain = shard(snapshot, "s3.safetensors", ["c"])
+    write_index(snapshot, {"a": "s1.safetensors", "b": "s2.safetensors", "c": "s3.safetensors"})
+
+    checkpoint = open_checkpoint(snapshot)
+
+    assert snapshot.resolve() == checkpoint.root
+    assert [first.resolve(), second.resolve(), plain.resolve()] == [
+        checkpoint.tensors[name].path for name in ("a", "b", "c")
+    ]
+    assert [s.path for s in checkpoint.shards] == [
+        checkpoint.tensors[name].path for name in ("a", "b", "c")
+    ]
+
+
+def test_open_sharded_symlinked_shard_error_names_the_link(tmp_path: Path) -> None:
+    """A corrupt shard reached through a symlink is reported under the name the index gives."""
+    target = write(tmp_path / "blobs", "bad", golden(b"nope"))
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "s1.safetensors").symlink_to(target)
+    write_index(snapshot, {"a": "s1.safetensors"})
+
+    with pytest.raises(CorruptHeaderError) as caught:
+        open_checkpoint(snapshot)
+
+    assert_names(caught.value, snapshot / "s1.safetensors", None)
+
+
+def test_open_sharded_through_symlinked_directory(tmp_path: Path) -> None:
+    """A checkpoint directory reached through a symlink gives resolved roots and paths."""
+    real = tmp_path / "real"
+    s1 = shard(real, "s1.safetensors", ["a"])
+    s2 = shard(real, "s2.safetensors", ["b"])
+    write_index(real, {"a": "s1.safetensors", "b": "s2.safetensors"})
+    alias = tmp_path / "alias"
+    alias.symlink_to(real, target_is_directory=True)
+
+    checkpoint = open_checkpoint(alias)
+
+    assert real.resolve() == checkpoint.root
+    assert [s1.resolve(), s2.resolve()] == [s.path for s in checkpoint.shards]
+    assert [s1.resolve(), s2.resolve()] == [e.path for e in checkpoint.tensors.values()]
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "tensor"),
+    [
+        ({"a": ["s1.safetensors"]}, "a"),
+        ({"a": "s1.safetensors", "b": {"file": "s1.safetensors"}}, "b"),
+        ({"a": "s1.safetensors", "b": None, "c": ""}, "b"),
+        ({"a": "s1.safetensors", "b": 0}, "b"),
+    ],
+)
+def test_index_value_that_is_not_a_file_name(weight_map: Any, tensor: str, tmp_path: Path) -> None:
+    """Any weight_map value that is not a non-empty string (unhashable ones included) raises
+    ``CorruptHeaderError`` naming the index and the first such tensor."""
+    shard(tmp_path, "s1.safetensors", ["a"])
+    index = write_index(tmp_path, weight_map)
+
+    with pytest.raises(CorruptHeaderError) as caught:
+        open_checkpoint(tmp_path)
+
+    assert_names(caught.value, index, tensor)
+    assert "is not a file name" in str(caught.value)
+
+
+def test_shard_names_plain_and_nested_are_accepted(tmp_path: Path) -> None:
+    """Plain names, names with dots and names in a subdirectory are shards inside the directory."""
+    shard(tmp_path, "..weights.safetensors", ["a"])
+    shard(tmp_path, "sub/b.safetensors", ["b"])
+    write_index(tmp_path, {"a": "..weights.safetensors", "b": "sub/b.safetensors"})
+
+    checkpoint = open_checkpoint(tmp_path)
+
+    assert ["a", "b"] == list(checkpoint.tensors)
+
+
+@pytest.mark.parametrize("name", ["..", "../x.safetensors", "sub/../../x.safetensors", "..\\x"])
+def test_shard_names_that_leave_the_directory(name: str, tmp_path: Path) -> None:
+    """A shard name that climbs out of the checkpoint directory is refused, naming the index."""
+    index = write_index(tmp_path, {"a": name})
+
+    with pytest.raises(CorruptHeaderError) as caught:
+        open_checkpoint(tmp_path)
+
+    assert_names(caught.value, index, None)
+    assert "points outside the checkpoint directory" in str(caught.value)
+
+
+def test_parsed_entries_are_ordinary_tensor_entries() -> None:
+    """Entries built by the parser compare, hash and refuse assignment like constructed ones."""
+    blob = golden({"b": entry("BF16", [2, 3], 8, 20), "a": entry("I64", [1], 0, 8)}, bytes(20))
+    path = Path("x.safetensors")
+    start = len(blob) - 20
+    expected = (
+        TensorEntry("a", path, "I64", (1,), start, 8),
+        TensorEntry("b", path, "BF16", (2, 3), start + 8, 12),
+    )
+
+    actual = parse_header(blob, path=path, file_size=len(blob)).tensors
+
+    assert expected == actual
+    assert [hash(e) for e in expected] == [hash(e) for e in actual]
+    assert [repr(e) for e in expected] == [repr(e) for e in actual]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        actual[0].offset = 0  # type: ignore[misc]
+
+
 def _timed(action: Callable[[], object]) -> float:
     start = time.perf_counter()
     action()
@@ -748,6 +866,28 @@ def test_fuzz_valid_headers_parse(document: dict[str, Any]) -> None:
     assert_consistent(header)
     expected = sorted(k for k in document if k != "__metadata__")
     assert expected == sorted(t.name for t in header.tensors)
+
+
+@FUZZ
+@given(valid_headers())
+def test_fuzz_valid_headers_entries_exact(document: dict[str, Any]) -> None:
+    """Each entry is built from its own header fields, in (begin, end, name) order: zero-sized
+    tensors sharing an offset sort by name."""
+    blob = golden(document, bytes(data_size(document)))
+    start = len(blob) - data_size(document)
+    spans = sorted(
+        (v["data_offsets"][0], v["data_offsets"][1], k, v["dtype"], tuple(v["shape"]))
+        for k, v in document.items()
+        if k != "__metadata__"
+    )
+    expected = tuple(
+        TensorEntry(name, FUZZ_PATH, dtype, shape, start + begin, end - begin)
+        for begin, end, name, dtype, shape in spans
+    )
+
+    actual = parse_header(blob, path=FUZZ_PATH, file_size=len(blob))
+
+    assert (expected, document.get("__metadata__", {})) == (actual.tensors, actual.metadata)
 
 
 @FUZZ
