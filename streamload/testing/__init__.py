@@ -7,8 +7,19 @@ Like ``httpx.MockTransport`` or ``structlog.testing``: public, documented, stabl
   ``steal``/``give_back`` play another tenant.
 - Checkpoint writers: ``write_safetensors``, ``write_sparse_safetensors`` (a real header, a data
   region that is a file hole), ``write_sharded`` (Hugging Face layout with an index).
+- Shapes of real models: ``llama_config``/``llama_shapes`` and the presets ``LLAMA_3_8B``,
+  ``LLAMA_3_1_70B``, ``LLAMA_3_1_405B`` (``name -> (dtype code, shape)``), to plan and stream
+  big models from sparse files at no disk cost.
 """
 
+from streamload.testing._shapes import (
+    LLAMA_3_1_70B,
+    LLAMA_3_1_405B,
+    LLAMA_3_8B,
+    llama_config,
+    llama_shapes,
+    tiny_llama_config,
+)
 from streamload.testing._simulated import SimulatedGPU
 from streamload.testing._writers import (
     TensorShape,
@@ -19,9 +30,15 @@ from streamload.testing._writers import (
 )
 
 __all__ = [
+    "LLAMA_3_1_70B",
+    "LLAMA_3_1_405B",
+    "LLAMA_3_8B",
     "SimulatedGPU",
     "TensorShape",
     "dtype_code",
+    "llama_config",
+    "llama_shapes",
+    "tiny_llama_config",
     "write_safetensors",
     "write_sharded",
     "write_sparse_safetensors",
