@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -642,6 +642,8 @@ _QUANT_AUX = frozenset(
 _HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "cls.predictions.decoder.weight")
 _EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
+# Any tower segment, dot-delimited, in the names joined by dots (see ``_towers``).
+_ANY_TOWER = re.compile(r"\.(?:" + "|".join(map(re.escape, _TOWER_SEGMENTS)) + r")\.")
 _FIRST_INDEX = re.compile(r"^(.+?)\.(\d+)(?=\.|$)")
 
 
@@ -669,15 +671,27 @@ def is_quantized(config: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class _Sizes:
+    """Bytes of a group of tensors: once placed, as stored, and placed bytes that change dtype."""
+
     nbytes: int = 0
     stored: int = 0
     converted: int = 0
 
-    def add(self, entry: TensorEntry, target_dtype: str | None, quantized: bool) -> _Sizes:
-        dtype = placed_dtype(entry, target_dtype, quantized=quantized)
-        placed = entry.nbytes if dtype == entry.dtype else entry.numel * DTYPE_SIZES[dtype]
-        converted = placed if dtype != entry.dtype else 0
-        return _Sizes(self.nbytes + placed, self.stored + entry.nbytes, self.converted + converted)
+    @classmethod
+    def of(
+        cls, entries: Iterable[TensorEntry], target_dtype: str | None, quantized: bool
+    ) -> _Sizes:
+        stored = replaced = converted = 0
+        for entry in entries:
+            stored += entry.nbytes
+            dtype = entry.dtype
+            if target_dtype is None or dtype == target_dtype or dtype not in FLOAT_CODES:
+                continue  # placed as stored, whatever ``placed_dtype`` would add
+            placed = placed_dtype(entry, target_dtype, quantized=quantized)
+            if placed != dtype:
+                replaced += entry.nbytes
+                converted += entry.numel * DTYPE_SIZES[placed]
+        return cls(stored - replaced + converted, stored, converted)
 
 
 @dataclass(slots=True)
@@ -689,6 +703,13 @@ class _Group:
     sub_model: str | None = None
 
 
+def _towers(names: Collection[str]) -> dict[str, tuple[str, str | None]]:
+    """``{tensor: (part, sub_model)}`` for the tensors under a tower segment."""
+    if _ANY_TOWER.search(f".{'.'.join(names)}.") is None:
+        return {}  # no segment of any name is a tower's (text-only models): no per-name walk
+    return {name: root for name in names if (root := _tower_root(name))}
+
+
 def _tower_root(name: str) -> tuple[str, str | None] | None:
     segments = name.split(".")
     for i, segment in enumerate(segments[:-1]):
@@ -697,30 +718,47 @@ def _tower_root(name: str) -> tuple[str, str | None] | None:
     return None
 
 
+def _indexed(names: Collection[str]) -> dict[str, dict[str, int]]:
+    """``{container: {tensor: index}}`` for the names with an integer segment: the prefix before
+    the first one, and its value (``model.layers.3.mlp.up_proj.weight``: ``model.layers``, 3)."""
+    found: dict[str, dict[str, int]] = {}
+    for name, match in zip(names, map(_FIRST_INDEX.match, names), strict=True):
+        if match is not None:
+            container, index = match.groups()
+            members = found.get(container)
+            if members is None:
+                members = found[container] = {}
+            members[name] = int(index)
+    return found
+
+
 def _find_container(
-    entries: Iterable[TensorEntry], layers: int, path: Path, field_name: str
+    indexed: Mapping[str, Mapping[str, int]],
+    tensors: Mapping[str, TensorEntry],
+    layers: int,
+    path: Path,
+    field_name: str,
 ) -> str:
     """The prefix before the first integer segment whose indices cover ``0..layers-1``."""
-    indices: dict[str, set[int]] = {}
-    weight: dict[str, int] = {}
-    for entry in entries:
-        match = _FIRST_INDEX.match(entry.name)
-        if match is None:
-            continue
-        container, index = match[1], int(match[2])
-        indices.setdefault(container, set()).add(index)
-        weight[container] = weight.get(container, 0) + entry.nbytes
     wanted = set(range(layers))
-    covering = [name for name, found in indices.items() if wanted <= found]
+    covering = [name for name, members in indexed.items() if wanted.issubset(members.values())]
     if not covering:
-        found = ", ".join(f"{name} ({len(idx)} indices)" for name, idx in indices.items())
+        found = ", ".join(
+            f"{name} ({len(set(members.values()))} indices)" for name, members in indexed.items()
+        )
         raise ConfigError(
             path,
             f"{layers} layers, but no tensor container in the checkpoint holds layers "
             f"0..{layers - 1} (found: {found or 'no indexed tensors'})",
             field=field_name,
         )
-    return max(covering, key=lambda name: weight[name])  # first wins a tie (dict order)
+    if len(covering) == 1:
+        return covering[0]
+
+    def weight(container: str) -> int:
+        return sum(tensors[name].nbytes for name in indexed[container])
+
+    return max(covering, key=weight)  # first wins a tie (dict order)
 
 
 def _part_name(name: str, container: list[str]) -> str:
@@ -778,17 +816,22 @@ def build_spec(
         raise ValueError(f"unknown target dtype code {target_dtype!r}")
     path = checkpoint.root / CONFIG_NAME
     facts, windows = _read_facts(config, path)
-    towers = {name: root for name in checkpoint.tensors if (root := _tower_root(name))}
-    text_entries = [e for n, e in checkpoint.tensors.items() if n not in towers]
+    towers = _towers(checkpoint.tensors)
+    text = [name for name in checkpoint.tensors if name not in towers]
+    indexed = _indexed(text)
     container = _find_container(
-        text_entries, facts.num_hidden_layers, path, _layers_field(_text_fields(config, path))
+        indexed,
+        checkpoint.tensors,
+        facts.num_hidden_layers,
+        path,
+        _layers_field(_text_fields(config, path)),
     )
-    outside = (e.name for e in text_entries if not e.name.startswith(container + "."))
+    outside = (name for name in text if not name.startswith(container + "."))
     tied = _find_ties(checkpoint.tensors, outside, facts.tie_word_embeddings)
 
     grouping = _Grouping(
         container=container,
-        layer_of=_layer_indices(text_entries, container, len(windows)),
+        layer_of=_layer_indices(indexed[container], len(windows)),
         towers=towers,
         modality="audio"
         if "audio_config" in config and "vision_config" not in config
@@ -841,14 +884,11 @@ def _layers_field(text: _Fields) -> str:
     return text.prefix + used
 
 
-def _layer_indices(entries: Iterable[TensorEntry], container: str, layers: int) -> dict[str, int]:
+def _layer_indices(members: Mapping[str, int], layers: int) -> Mapping[str, int]:
     """``{tensor: layer index}`` for the container's tensors with index below ``layers``."""
-    found: dict[str, int] = {}
-    for entry in entries:
-        match = _FIRST_INDEX.match(entry.name)
-        if match is not None and match[1] == container and int(match[2]) < layers:
-            found[entry.name] = int(match[2])
-    return found
+    if max(members.values()) < layers:
+        return members  # no extra layers (MTP heads) to leave out
+    return {name: index for name, index in members.items() if index < layers}
 
 
 @dataclass(frozen=True, slots=True)
@@ -865,21 +905,23 @@ class _Grouping:
     def run(
         self, checkpoint: Checkpoint, *, skip: Mapping[str, str], layers: int
     ) -> tuple[list[_Group], dict[str, _Group]]:
-        container_path = self.container.split(".")
         layer_groups = [_Group() for _ in range(layers)]
+        for name, index in self.layer_of.items():  # never tied: ties lie outside the container
+            layer_groups[index].tensors.append(name)
+        container_path = self.container.split(".")
         parts: dict[str, _Group] = {}
-        for name, entry in checkpoint.tensors.items():
-            if name in skip:
+        for name in checkpoint.tensors:
+            if name in self.layer_of or name in skip:
                 continue
-            if name in self.layer_of:
-                group = layer_groups[self.layer_of[name]]
-            elif name in self.towers:
+            if name in self.towers:
                 root, sub_model = self.towers[name]
                 group = parts.setdefault(root, _Group(sub_model=sub_model or self.modality))
             else:
                 group = parts.setdefault(_part_name(name, container_path), _Group())
             group.tensors.append(name)
-            group.sizes = group.sizes.add(entry, self.target_dtype, self.quantized)
+        for group in (*layer_groups, *parts.values()):
+            entries = map(checkpoint.tensors.__getitem__, group.tensors)
+            group.sizes = _Sizes.of(entries, self.target_dtype, self.quantized)
         return layer_groups, parts
 
 

@@ -766,3 +766,70 @@ def test_build_spec_from_an_open_checkpoint(tmp_path: Path) -> None:
 
     assert inspect(root, target_dtype="F32").total_bytes == spec.total_bytes
     assert 2 * inspect(root).total_bytes == spec.total_bytes
+
+
+# ----------------------------------------------------------------------------- grouping edges
+
+
+def test_tower_names_only_as_whole_inner_segments(tmp_path: Path) -> None:
+    """Only a whole path segment before the last names a tower: ``model.extra.visual`` (last
+    segment) and ``model.visual_adapter`` are text parts, ``model.visual.proj`` a vision part."""
+    config = shapes.tiny_llama_config()
+    tensors = shapes.llama_shapes(config)
+    tensors["model.extra.visual"] = ("BF16", (4,))
+    tensors["model.visual_adapter.weight"] = ("BF16", (8,))
+    tensors["model.visual.proj.weight"] = ("BF16", (16,))
+
+    spec = sparse_spec(tmp_path, tensors, config)
+
+    parts = {part.name: (part.sub_model, part.tensors) for part in spec.non_mapped}
+    assert (None, ("model.extra.visual",)) == parts["model.extra"]
+    assert (None, ("model.visual_adapter.weight",)) == parts["model.visual_adapter"]
+    assert ("vision", ("model.visual.proj.weight",)) == parts["model.visual"]
+    assert 4 == len(spec.layers)
+
+
+def test_heavier_of_two_covering_containers_holds_the_layers(tmp_path: Path) -> None:
+    """When two containers both cover 0..N-1, the one with more bytes is the layer container;
+    the other's tensors go to the part its path names."""
+    config = shapes.tiny_llama_config()
+    tensors = shapes.llama_shapes(config)
+    side = {f"model.adapters.{i}.weight": ("BF16", (4,)) for i in range(4)}
+    spec = sparse_spec(tmp_path, {**side, **tensors}, config)
+
+    assert tuple(f"model.layers.{i}" for i in range(4)) == tuple(
+        layer.prefix for layer in spec.layers
+    )
+    adapters = {part.name: part for part in spec.non_mapped}["model.adapters"]
+    assert tuple(side) == adapters.tensors
+    assert 4 * 4 * 2 == adapters.nbytes
+
+
+def test_equal_containers_first_in_checkpoint_order_wins(tmp_path: Path) -> None:
+    """Two covering containers of equal bytes: the one met first in the checkpoint wins."""
+    config = shapes.tiny_llama_config(num_hidden_layers=2)
+    tensors: shapes.Shapes = {
+        **{f"b.blocks.{i}.weight": ("BF16", (4,)) for i in range(2)},
+        **{f"a.blocks.{i}.weight": ("BF16", (4,)) for i in range(2)},
+    }
+
+    spec = sparse_spec(tmp_path, tensors, config)
+
+    assert ("b.blocks.0", "b.blocks.1") == tuple(layer.prefix for layer in spec.layers)
+    assert ["a"] == [part.name for part in spec.non_mapped]
+
+
+def test_no_covering_container_lists_what_was_found(tmp_path: Path) -> None:
+    """The error names each indexed container and how many distinct indices it holds."""
+    config = shapes.tiny_llama_config(num_hidden_layers=3)
+    tensors: shapes.Shapes = {
+        "model.layers.0.weight": ("BF16", (4,)),
+        "model.layers.0.bias": ("BF16", (4,)),
+        "model.layers.1.weight": ("BF16", (4,)),
+        "extra.5.weight": ("BF16", (4,)),
+    }
+
+    with pytest.raises(ConfigError) as caught:
+        sparse_spec(tmp_path, tensors, config)
+
+    assert "found: model.layers (2 indices), extra (1 indices)" in str(caught.value)
