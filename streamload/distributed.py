@@ -108,6 +108,7 @@ __all__ = [
     "is_input_part",
     "load_distributed",
     "main",
+    "report_table",
     "split_stages",
     "stage_spec",
 ]
