@@ -681,11 +681,14 @@ class _Sizes:
     def of(
         cls, entries: Iterable[TensorEntry], target_dtype: str | None, quantized: bool
     ) -> _Sizes:
+        if target_dtype is None:
+            stored = sum(entry.nbytes for entry in entries)
+            return cls(stored, stored, 0)
         stored = replaced = converted = 0
         for entry in entries:
             stored += entry.nbytes
             dtype = entry.dtype
-            if target_dtype is None or dtype == target_dtype or dtype not in FLOAT_CODES:
+            if dtype == target_dtype or dtype not in FLOAT_CODES:
                 continue  # placed as stored, whatever ``placed_dtype`` would add
             placed = placed_dtype(entry, target_dtype, quantized=quantized)
             if placed != dtype:
@@ -718,17 +721,30 @@ def _tower_root(name: str) -> tuple[str, str | None] | None:
     return None
 
 
-def _indexed(names: Collection[str]) -> dict[str, dict[str, int]]:
+def _indexed(names: Iterable[str]) -> dict[str, dict[str, int]]:
     """``{container: {tensor: index}}`` for the names with an integer segment: the prefix before
-    the first one, and its value (``model.layers.3.mlp.up_proj.weight``: ``model.layers``, 3)."""
+    the first one, and its value (``model.layers.3.mlp.up_proj.weight``: ``model.layers``, 3).
+
+    A name that starts with the last match's ``container.index.`` has that container and index
+    (the text the pattern looks at is the same), so of each layer's tensors, which lie together
+    in checkpoint order, only the first is matched.
+    """
     found: dict[str, dict[str, int]] = {}
-    for name, match in zip(names, map(_FIRST_INDEX.match, names), strict=True):
-        if match is not None:
-            container, index = match.groups()
-            members = found.get(container)
-            if members is None:
-                members = found[container] = {}
-            members[name] = int(index)
+    members: dict[str, int] = {}
+    index = 0
+    run = ""  # "<container>.<index>." of the last match, if a dot followed its index
+    for name in names:
+        if run and name.startswith(run):
+            members[name] = index
+            continue
+        match = _FIRST_INDEX.match(name)
+        if match is None:
+            continue
+        container, digits = match.groups()
+        members = found.setdefault(container, {})
+        members[name] = index = int(digits)
+        end = match.end()
+        run = name[: end + 1] if name[end : end + 1] == "." else ""
     return found
 
 

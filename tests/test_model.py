@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,9 +27,11 @@ from transformers import (
 from streamload.checkpoint import TensorEntry, open_checkpoint
 from streamload.errors import ConfigError
 from streamload.model import (
+    _FIRST_INDEX,
     LayerSpec,
     ModelSpec,
     VisionFacts,
+    _indexed,
     activation_bytes,
     build_spec,
     inspect,
@@ -833,3 +837,44 @@ def test_no_covering_container_lists_what_was_found(tmp_path: Path) -> None:
         sparse_spec(tmp_path, tensors, config)
 
     assert "found: model.layers (2 indices), extra (1 indices)" in str(caught.value)
+
+
+# Path segments that exercise the first-integer-segment rule: digits (leading zero, Arabic-Indic),
+# empty segments, a trailing newline (which ``$`` matches before).
+NAME_SEGMENTS = ["model", "layers", "0", "1", "12", "01", "\u0663", "w", "", "3\n", "x\n"]
+tensor_names = st.lists(
+    st.lists(st.sampled_from(NAME_SEGMENTS), min_size=1, max_size=6).map(".".join),
+    max_size=40,
+    unique=True,
+)
+
+
+def matched_one_by_one(names: list[str]) -> dict[str, dict[str, int]]:
+    found: dict[str, dict[str, int]] = {}
+    for name in names:
+        match = _FIRST_INDEX.match(name)
+        if match is not None:
+            found.setdefault(match[1], {})[name] = int(match[2])
+    return found
+
+
+@settings(max_examples=500, deadline=None)
+@given(tensor_names)
+def test_indexed_agrees_with_matching_every_name(names: list[str]) -> None:
+    """Reusing the last match for names that share its ``container.index.`` prefix gives what
+    matching each name on its own gives, in the same order."""
+    expected = matched_one_by_one(names)
+
+    actual = _indexed(names)
+
+    assert expected == actual
+    assert [list(m) for m in expected.values()] == [list(m) for m in actual.values()]
+
+
+def test_indexed_reuses_a_run_only_after_a_dot() -> None:
+    """``layers.1`` at the end of a name starts no run: ``layers.10.w`` is index 10."""
+    names = ["model.layers.1", "model.layers.10.w", "model.layers.10.b", "model.layers.1.w"]
+
+    expected = {"model.layers": dict(zip(names, [1, 10, 10, 1], strict=True))}
+
+    assert expected == _indexed(names)
