@@ -195,8 +195,9 @@ _PREFIX = struct.Struct("<Q")
 _U64_MAX = 2**64 - 1
 _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_BY_OFFSET = operator.attrgetter("offset")
 # (begin, end) relative to the data region, then name: the order tensors are checked in.
-_BY_OFFSET = operator.attrgetter("offset", "nbytes", "name")
+_BY_SPAN = operator.attrgetter("offset", "nbytes", "name")
 # (begin, end, name) of one entry, for the tiling check's messages.
 _Span = tuple[int, int, str]
 
@@ -227,8 +228,9 @@ def _parse(data: bytes, *, display: Path, stored: Path, file_size: int) -> Shard
         raise CorruptHeaderError(display, f"header is a JSON {_kind(document)}, not an object")
     metadata = _metadata(document.pop("__metadata__", None), display)
     tensors = [_entry(name, info, display, stored, data_offset) for name, info in document.items()]
-    tensors.sort(key=_BY_OFFSET)  # then by size and name, as (begin, end, name)
+    tensors.sort(key=_BY_OFFSET)
     if not _tiles(tensors, data_offset, file_size):
+        tensors.sort(key=_BY_SPAN)  # zero-sized tensors sharing an offset go by name
         raws = [(e.offset - data_offset, e.end - data_offset, e.name) for e in tensors]
         _check_tiling(raws, display, region=file_size - data_offset, data_offset=data_offset)
     return ShardHeader(stored, file_size, data_offset, tuple(tensors), metadata)
@@ -347,10 +349,11 @@ def _checked_entry(name: str, info: object, path: Path) -> tuple[int, int, str, 
 
 
 def _tiles(tensors: list[TensorEntry], data_offset: int, file_size: int) -> bool:
-    """Whether sorted entries cover the data region exactly (``_check_tiling`` says how not)."""
+    """Whether entries sorted by offset cover the data region exactly, none of them empty (so
+    no two share an offset); ``_check_tiling`` decides the rest."""
     cursor = data_offset
     for entry in tensors:
-        if entry.offset != cursor:
+        if entry.offset != cursor or not entry.nbytes:
             return False
         cursor += entry.nbytes
     return cursor == file_size
