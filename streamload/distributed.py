@@ -80,7 +80,7 @@ import torch.distributed as dist
 from streamload import planner
 from streamload.checkpoint import DTYPE_SIZES
 from streamload.devices import resolve_devices
-from streamload.engine import LoadedModel, _Load, capacities
+from streamload.engine import LoadedModel, capacities, load
 from streamload.errors import (
     DeviceError,
     DoesNotFitError,
@@ -908,35 +908,6 @@ class _Local:
     spec: ModelSpec | None
 
 
-class _StageLoad(_Load):
-    """The engine's load with the stage's sub-spec in place of the whole checkpoint's.
-
-    The engine inspects the checkpoint itself and has no parameter for a ready spec; this
-    subclass keeps the stage's spec whatever the engine assigns (the whole-checkpoint spec it
-    reads is dropped). To be replaced by an engine parameter for a given spec.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        params: LoadParams,
-        on_event: DistributedEventCallback | None,
-        spec: ModelSpec,
-    ) -> None:
-        super().__init__(path, params, on_event)
-        self._stage_spec = spec
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self._stage_spec
-
-    @spec.setter
-    def spec(self, value: ModelSpec) -> None:
-        """The engine's whole-checkpoint spec: checked to be the same checkpoint, then dropped."""
-        if value.checkpoint.root != self._stage_spec.checkpoint.root:
-            raise LoadError(f"checkpoint changed: {value.checkpoint.root}")
-
-
 async def load_distributed(
     path: str | Path,
     params: LoadParams | None = None,
@@ -1095,7 +1066,7 @@ async def _load_stage(
     phase = f"loading {layers} (numbered from 0 within the stage: 0 is layer {stage.start})"
     try:
         await _deliver(on_event, StageAssigned(plan, stage))
-        model = await _StageLoad(path, params, on_event, stage_spec(spec, stage)).run()
+        model = await load(path, params, on_event=on_event, spec=stage_spec(spec, stage))
     except anyio.get_cancelled_exc_class():
         cancelled = _Failure(channel.rank, channel.host, phase, "cancelled", None, "Cancelled")
         shield = anyio.CancelScope(shield=True)

@@ -429,8 +429,15 @@ def _units(spec: ModelSpec) -> list[_Unit]:
 
 
 class _Load:
-    def __init__(self, path: str | Path, params: LoadParams, on_event: EventCallback | None):
+    def __init__(
+        self,
+        path: str | Path,
+        params: LoadParams,
+        on_event: EventCallback | None,
+        spec: ModelSpec | None = None,
+    ):
         self.path = Path(path)
+        self.given_spec = spec
         self.params = params
         self.on_event = on_event
         self.tensors: dict[str, torch.Tensor] = {}
@@ -536,9 +543,12 @@ class _Load:
 
     async def _run(self, started: float) -> LoadedModel:
         params = self.params
-        self.spec = await anyio.to_thread.run_sync(
-            lambda: inspect(self.path, target_dtype=self.target)
-        )
+        if self.given_spec is not None:
+            self.spec = self.given_spec
+        else:
+            self.spec = await anyio.to_thread.run_sync(
+                lambda: inspect(self.path, target_dtype=self.target)
+            )
         devices = await anyio.to_thread.run_sync(resolve_devices, params.devices)
         self.devices = {device.name: device for device in devices}
         self.units = _units(self.spec)
@@ -935,6 +945,7 @@ async def load(
     params: LoadParams | None = None,
     *,
     on_event: EventCallback | None = None,
+    spec: ModelSpec | None = None,
 ) -> LoadedModel:
     """Load the checkpoint at ``path`` onto the devices ``params`` names.
 
@@ -945,5 +956,9 @@ async def load(
     load placed is released, reader threads finish, every file descriptor is closed, a
     ``LoadFailed`` event is emitted, and the cancellation propagates. Any other failure does the
     same and raises a ``StreamloadError`` naming the file, tensor, layer or device involved.
+
+    ``spec``: stream exactly this model spec (a subset of the checkpoint's layers and parts,
+    as ``streamload.distributed`` builds per pipeline stage) instead of inspecting ``path``;
+    it must come from the same checkpoint and the same target dtype as ``params``.
     """
-    return await _Load(path, params or LoadParams(), on_event).run()
+    return await _Load(path, params or LoadParams(), on_event, spec).run()
