@@ -14,8 +14,11 @@ Every error the library raises on purpose derives from one root, so a server can
     ├── PlanError                  no valid placement exists
     │   └── DoesNotFitError        with a per-device breakdown of capacity and need
     ├── DeviceError                a device could not be found, probed or used
-    └── LoadError                  streaming failed (names the layer, tensor, device)
-        └── ReplanLimitError       devices kept under-delivering past the re-plan bound
+    ├── LoadError                  streaming failed (names the layer, tensor, device)
+    │   └── ReplanLimitError       devices kept under-delivering past the re-plan bound
+    └── DistributedError           (``streamload.distributed``) a multi-rank load failed
+        ├── RankFailedError        a rank failed; every rank raises the same message
+        └── CollectiveError        a peer died or went silent
 
 Foreign exceptions (``json``, ``struct``, ``OSError``, ``pynvml.NVMLError``,
 ``torch.OutOfMemoryError``) are translated where they are first met, always with
