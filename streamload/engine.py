@@ -336,6 +336,16 @@ class _InFlight:
         self.fences.clear()
 
 
+@dataclass(slots=True)
+class _DeviceStats:
+    """What one device received so far (for the report)."""
+
+    nbytes: int = 0
+    tensors: int = 0
+    layers: int = 0
+    seconds: float = 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # The load
 
@@ -444,9 +454,8 @@ class _Load:
         self.inflight: deque[_InFlight] = deque()
         self.replans: list[Replanned] = []
         self.fallbacks: list[PagedAttentionDisabled] = []
-        self.placed_bytes: dict[str, int] = {}
         self.transient: dict[str, int] = {}
-        self.device_stats: dict[str, list[float]] = {}
+        self.device_stats: dict[str, _DeviceStats] = {}
         self.files: _Files | None = None
         self.ring: _StagingRing | None = None
         self.limiter = anyio.CapacityLimiter(params.reader_threads)
@@ -824,11 +833,11 @@ class _Load:
         device = flight.device
         seconds = time.perf_counter() - flight.started
         free_after = await anyio.to_thread.run_sync(self._live_free, device)
-        stats = self.device_stats.setdefault(device.name, [0, 0, 0, 0.0])
-        stats[0] += unit.nbytes
-        stats[1] += len(flight.final)
-        stats[2] += 1 if unit.layer is not None else 0
-        stats[3] += seconds
+        stats = self.device_stats.setdefault(device.name, _DeviceStats())
+        stats.nbytes += unit.nbytes
+        stats.tensors += len(flight.final)
+        stats.layers += 1 if unit.layer is not None else 0
+        stats.seconds += seconds
         self.tensors.update(flight.final)
         tensors = len(flight.final)
         flight.drop()
@@ -857,7 +866,7 @@ class _Load:
 
     def _report(self, seconds: float, plan_seconds: float) -> LoadReport:
         devices = tuple(
-            DeviceReport(name, int(s[0]), int(s[1]), int(s[2]), s[3])
+            DeviceReport(name, s.nbytes, s.tensors, s.layers, s.seconds)
             for name, s in self.device_stats.items()
         )
         return LoadReport(
