@@ -195,6 +195,7 @@ _PREFIX = struct.Struct("<Q")
 _U64_MAX = 2**64 - 1
 _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_FIRST_READ = 4096  # one page: the prefix and, for most shards, the whole header
 _BY_OFFSET = operator.attrgetter("offset")
 # (begin, end) relative to the data region, then name: the order tensors are checked in.
 _BY_SPAN = operator.attrgetter("offset", "nbytes", "name")
@@ -394,12 +395,7 @@ def _check_tiling(raws: list[_Span], path: Path, *, region: int, data_offset: in
 
 def _pread_all(fd: int, n: int, offset: int) -> bytes:
     """``n`` bytes at ``offset`` (fewer only at end of file)."""
-    first = os.pread(fd, n, offset)
-    if len(first) == n:
-        return first  # one read, almost always
-    parts = [first]
-    n -= len(first)
-    offset += len(first)
+    parts = []
     while n > 0:
         chunk = os.pread(fd, n, offset)
         if not chunk:
@@ -423,11 +419,12 @@ def _read_shard(
         fd = os.open(path, _OPEN_FLAGS)
         try:
             file_size = os.fstat(fd).st_size
-            data = os.pread(fd, _PREFIX.size, 0)
-            if len(data) == _PREFIX.size:
-                (header_len,) = _PREFIX.unpack(data)
-                if header_len <= MAX_HEADER_BYTES and _PREFIX.size + header_len <= file_size:
-                    data += _pread_all(fd, header_len, _PREFIX.size)
+            data = os.pread(fd, _FIRST_READ, 0)
+            if len(data) >= _PREFIX.size:
+                (header_len,) = _PREFIX.unpack_from(data)
+                end = _PREFIX.size + header_len
+                if header_len <= MAX_HEADER_BYTES and len(data) < end <= file_size:
+                    data += _pread_all(fd, end - len(data), len(data))
         finally:
             os.close(fd)
         if stored is None:
@@ -476,6 +473,7 @@ def _open_sharded(directory: Path, index: Path) -> Checkpoint:
     for shard in shard_names:
         _check_shard_name(shard, index)
     root = _resolve(directory)
+    resolved = root == directory
     links = _symlinks(directory)
     headers = []
     for shard in shard_names:
@@ -483,7 +481,7 @@ def _open_sharded(directory: Path, index: Path) -> Checkpoint:
         if "/" in shard or "\\" in shard or _is_link(shard, path, links):
             stored = None  # in a subdirectory, or a symlink: resolved on its own
         else:
-            stored = path if root == directory else root / shard
+            stored = path if resolved else root / shard
         headers.append(_read_shard(path, missing=MissingShardError, stored=stored))
 
     tensors = {entry.name: entry for header in headers for entry in header.tensors}

@@ -168,6 +168,20 @@ def test_read_shard_header_reads_file_and_resolves_path(tmp_path: Path) -> None:
     assert expected == actual
 
 
+@pytest.mark.parametrize("tensors", [1, 48, 400], ids=["small", "across-a-page", "many-pages"])
+def test_read_shard_header_of_any_length_equals_parse(tmp_path: Path, tensors: int) -> None:
+    """Headers shorter and longer than a page read from disk as parsing the whole file does."""
+    header = {
+        f"model.layers.{i}.weight": entry("F32", [2], 8 * i, 8 * i + 8) for i in range(tensors)
+    }
+    blob = golden(header, bytes(8 * tensors))
+    path = write(tmp_path, "model.safetensors", blob)
+
+    actual = read_shard_header(path)
+
+    assert parse_header(blob, path=path.resolve(), file_size=len(blob)) == actual
+
+
 def test_entries_match_safe_open(tmp_path: Path) -> None:
     """For a file from ``save_file``, dtype, shape and the bytes at ``offset`` match safetensors."""
     tensors = {
