@@ -53,7 +53,8 @@ def configure_json_logging(stream: TextIO | None = None) -> None:
 async def logged_load(path: Path, params: streamload.LoadParams, load_id: str) -> None:
     """One load whose every log line carries ``load_id`` and ``model``."""
     with structlog.contextvars.bound_contextvars(load_id=load_id, model=path.name):
-        names = [d if isinstance(d, str) else d.name for d in params.devices]
+        devices = params.devices
+        names = devices if isinstance(devices, str) else [getattr(d, "name", d) for d in devices]
         log.info("load_requested", devices=names)
         async with await streamload.load(path, params) as model:
             log.info("load_done", tensors=len(model.tensors), device_map=model.device_map)

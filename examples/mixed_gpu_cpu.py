@@ -8,7 +8,7 @@ simulated GPUs (``streamload.testing.SimulatedGPU``) stand in, sized from the ch
 the first holds the embeddings, the head and 1.5 layers, the second 2.5 layers, and the rest goes
 to the CPU: the same engine path a GPU takes, on any machine.
 
-``write_tiny_llama`` and ``devices_for`` are shared with the other examples.
+``write_tiny_llama``, ``simulated_gpus`` and ``devices_for`` are shared with the other examples.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import structlog
@@ -62,8 +63,8 @@ def simulated_gpus(
     activations, as the planner counts them). ``first`` numbers them from ``sim:{first}``: like
     ``cuda:N``, a name stands for one device in the process (loads at once count each other's
     memory on it)."""
-    probe = SimulatedGPU("probe", total_bytes=GiB)
-    roomy = streamload.plan(path, dataclasses.replace(params, devices=[probe]))
+    probe = SimulatedGPU("probe", total_bytes=GiB)  # its row tells reserve and activations
+    roomy = streamload.plan(path, dataclasses.replace(params, devices=[probe, "cpu"]))
     spec = streamload.inspect(path, params.dtype)
     row = roomy.devices[0]
     layer = max(layer.nbytes for layer in spec.layers) + max(roomy.layer_kv_bytes)
@@ -76,13 +77,12 @@ def simulated_gpus(
 
 def devices_for(
     path: Path, params: streamload.LoadParams, *, first: int = 0
-) -> list[str | SimulatedGPU]:
-    """Every CUDA GPU and the CPU; without CUDA, two simulated GPUs (``sim:{first}`` and the
-    next) and the CPU."""
-    gpus: list[str | SimulatedGPU] = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if not gpus:
-        gpus = [*simulated_gpus(path, params, first=first)]
-    return [*gpus, "cpu"]
+) -> Literal["auto"] | list[str | SimulatedGPU]:
+    """``"auto"`` (every CUDA GPU, then the CPU); without CUDA, two simulated GPUs
+    (``sim:{first}`` and the next) and the CPU."""
+    if torch.cuda.is_available():
+        return "auto"
+    return [*simulated_gpus(path, params, first=first), "cpu"]
 
 
 def print_device_map(model: streamload.LoadedModel) -> None:
