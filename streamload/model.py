@@ -679,13 +679,18 @@ class _Sizes:
 
     @classmethod
     def of(
-        cls, entries: Iterable[TensorEntry], target_dtype: str | None, quantized: bool
+        cls,
+        names: Iterable[str],
+        tensors: Mapping[str, TensorEntry],
+        target_dtype: str | None,
+        quantized: bool,
     ) -> _Sizes:
         if target_dtype is None:
-            stored = sum(entry.nbytes for entry in entries)
+            stored = sum(tensors[name].nbytes for name in names)
             return cls(stored, stored, 0)
         stored = replaced = converted = 0
-        for entry in entries:
+        for name in names:
+            entry = tensors[name]
             stored += entry.nbytes
             dtype = entry.dtype
             if dtype == target_dtype or dtype not in FLOAT_CODES:
@@ -810,12 +815,13 @@ def _activation_dtype(checkpoint: Checkpoint, target_dtype: str | None) -> str:
     if target_dtype in FLOAT_CODES:
         assert target_dtype is not None
         return target_dtype
+    codes = {entry.dtype for entry in checkpoint.tensors.values()} & FLOAT_CODES
+    if len(codes) < 2:  # the one float code; none (fully packed): the common compute type
+        return min(codes, default="BF16")
     totals: dict[str, int] = {}
     for entry in checkpoint.tensors.values():
         if entry.dtype in FLOAT_CODES:
             totals[entry.dtype] = totals.get(entry.dtype, 0) + entry.nbytes
-    if not totals:
-        return "BF16"  # no float tensor at all (fully packed checkpoint): the common compute type
     return max(sorted(totals), key=lambda code: totals[code])
 
 
@@ -926,9 +932,8 @@ class _Grouping:
             layer_groups[index].tensors.append(name)
         container_path = self.container.split(".")
         parts: dict[str, _Group] = {}
-        for name in checkpoint.tensors:
-            if name in self.layer_of or name in skip:
-                continue
+        rest = [n for n in checkpoint.tensors if n not in self.layer_of and n not in skip]
+        for name in rest:
             if name in self.towers:
                 root, sub_model = self.towers[name]
                 group = parts.setdefault(root, _Group(sub_model=sub_model or self.modality))
@@ -936,8 +941,9 @@ class _Grouping:
                 group = parts.setdefault(_part_name(name, container_path), _Group())
             group.tensors.append(name)
         for group in (*layer_groups, *parts.values()):
-            entries = map(checkpoint.tensors.__getitem__, group.tensors)
-            group.sizes = _Sizes.of(entries, self.target_dtype, self.quantized)
+            group.sizes = _Sizes.of(
+                group.tensors, checkpoint.tensors, self.target_dtype, self.quantized
+            )
         return layer_groups, parts
 
 

@@ -24,7 +24,7 @@ from transformers import (
     AutoModelForMaskedLM,
 )
 
-from streamload.checkpoint import TensorEntry, open_checkpoint
+from streamload.checkpoint import Checkpoint, TensorEntry, open_checkpoint
 from streamload.errors import ConfigError
 from streamload.model import (
     _FIRST_INDEX,
@@ -878,3 +878,38 @@ def test_indexed_reuses_a_run_only_after_a_dot() -> None:
     expected = {"model.layers": dict(zip(names, [1, 10, 10, 1], strict=True))}
 
     assert expected == _indexed(names)
+
+
+# dtype -> (shape, bytes) of a small tensor: F16 holds the most bytes, BF16 and F32 tie.
+SMALL = {
+    "F32": ((4,), 16),
+    "F16": ((16,), 32),
+    "BF16": ((8,), 16),
+    "I8": ((8,), 8),
+    "U8": ((8,), 8),
+}
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "expected"),
+    [
+        (("I8", "U8"), "BF16"),
+        (("I8", "F32"), "F32"),
+        (("F16", "F16"), "F16"),
+        (("F32", "F16"), "F16"),
+        (("F32", "BF16"), "BF16"),
+    ],
+    ids=["packed", "one-float", "same-float", "more-f16-bytes", "tie-to-first-code"],
+)
+def test_activation_dtype_without_target(dtypes: tuple[str, str], expected: str) -> None:
+    """No float tensor: BF16; one float code: that code; several: the one with most stored
+    bytes, a tie to the code that sorts first."""
+    names = ("model.layers.0.a", "model.layers.0.b")
+    tensors = {
+        name: TensorEntry(name, Path("x"), dtype, SMALL[dtype][0], 0, SMALL[dtype][1])
+        for name, dtype in zip(names, dtypes, strict=True)
+    }
+    checkpoint = Checkpoint(Path("x"), (), tensors)
+    config = shapes.tiny_llama_config(num_hidden_layers=1)
+
+    assert expected == build_spec(checkpoint, config, target_dtype=None).activation_dtype
