@@ -31,7 +31,7 @@ from streamload.testing._shapes import LLAMA_3_1_70B, LLAMA_3_1_405B, llama_shap
 SHAPES: dict[str, tuple[Mapping[str, Any], int, int]] = {
     # name: (config, shard size, simulated GPUs of 80 GiB)
     "llama-3.1-70b": (LLAMA_3_1_70B, 5 * 10**9, 2),
-    "llama-3.1-405b": (LLAMA_3_1_405B, 48 * 10**8, 8),
+    "llama-3.1-405b": (LLAMA_3_1_405B, 53 * 10**8, 8),
 }
 
 
