@@ -54,6 +54,7 @@ __all__ = [
     "default_nvml",
     "host_available_bytes",
     "host_total_bytes",
+    "ledger_key",
     "nvml_uuid_from_torch",
     "parse_cuda_visible_devices",
     "resolve_devices",
@@ -796,6 +797,15 @@ class CudaDevice:
 
     def __repr__(self) -> str:
         return f"CudaDevice({self._ordinal})"
+
+
+def ledger_key(device: Device) -> str:
+    """The key ``RESERVATIONS`` uses for ``device``: a CUDA GPU by its name (``cuda:N`` is one
+    physical device for the whole process), any other device by object identity (two
+    ``SimulatedGPU("sim:0")`` objects are two devices)."""
+    if isinstance(device, CudaDevice):
+        return device.name
+    return f"{device.name}@{id(device):x}"
 
 
 # --------------------------------------------------------------------------------------------

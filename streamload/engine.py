@@ -53,7 +53,7 @@ import torch
 
 from streamload import planner
 from streamload.checkpoint import TensorEntry
-from streamload.devices import RESERVATIONS, Device, Fence, resolve_devices
+from streamload.devices import RESERVATIONS, Device, Fence, ledger_key, resolve_devices
 from streamload.errors import (
     CheckpointError,
     LoadError,
@@ -116,7 +116,7 @@ def capacities(
     """
     rows = []
     for device in devices:
-        free = device.live_free_bytes() - RESERVATIONS.held_by_others(None, device.name)
+        free = device.live_free_bytes() - RESERVATIONS.held_by_others(None, ledger_key(device))
         if device.is_gpu:
             free -= scratch
         rows.append(
@@ -325,6 +325,7 @@ class _InFlight:
     fences: list[Fence] = field(default_factory=list)
     error: BaseException | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
+    filled: float = 0.0  # when the last read (and copy submission) finished
 
     def drop(self) -> None:
         """Forget every tensor (pieces too: a stale frame may still hold a chunk)."""
@@ -477,7 +478,7 @@ class _Load:
         return self.target is not None and self._placed(entry) != entry.dtype
 
     def _live_free(self, device: Device) -> int:
-        return device.live_free_bytes() - RESERVATIONS.held_by_others(self, device.name)
+        return device.live_free_bytes() - RESERVATIONS.held_by_others(self, ledger_key(device))
 
     def _need_rest(self, device: str, next_layer: int, parts_left: int) -> int:
         """What ``device``'s plan still needs: unplaced weights + KV + activations + reserve."""
@@ -503,7 +504,7 @@ class _Load:
                 continue
             held = self._need_rest(row.device, next_layer, parts_left) - row.reserve_bytes
             if held > 0:
-                RESERVATIONS.reserve(self, row.device, held)
+                RESERVATIONS.reserve(self, ledger_key(self.devices[row.device]), held)
 
     def _slack(self, device: Device) -> int:
         """Bytes to add to a live reading to compare it with the plan: this load's raw
@@ -767,6 +768,7 @@ class _Load:
         except Exception as exc:
             flight.error = _single(exc)
         finally:
+            flight.filled = time.perf_counter()
             flight.done.set()
 
     async def _chunk(self, flight: _InFlight, chunk: _Chunk) -> None:
@@ -828,10 +830,13 @@ class _Load:
             unit = flight.unit
             flight.drop()
             raise _translate(error, unit, flight.device.name) from error
+        completing = time.perf_counter()
         await anyio.to_thread.run_sync(self._complete, flight)
         unit = flight.unit
         device = flight.device
-        seconds = time.perf_counter() - flight.started
+        # Allocation to the last read, plus waiting for the copies and converting; not the time
+        # the finished unit waited for its turn to be reported.
+        seconds = flight.filled - flight.started + time.perf_counter() - completing
         free_after = await anyio.to_thread.run_sync(self._live_free, device)
         stats = self.device_stats.setdefault(device.name, _DeviceStats())
         stats.nbytes += unit.nbytes

@@ -453,3 +453,37 @@ async def test_cuda_load_is_bit_identical(ckpt: Path, dtype: torch.dtype | None)
     on_host = {name: t.cpu() for name, t in model.tensors.items()}
     assert_identical(on_host, reference(ckpt), dtype)
     assert all(t.device.type == "cuda" for t in model.tensors.values())
+
+
+async def test_same_named_simulated_gpus_of_two_loads_are_two_devices(tmp_path: Path) -> None:
+    """Reservations follow device objects, not names: two concurrent loads, each with its own
+    ``SimulatedGPU("sim:0")`` sized for one model, both fit entirely on their own GPU."""
+    a = write_checkpoint(tmp_path / "a", llama_tensors(LAYERS, seed=1), llama_config(LAYERS))
+    b = write_checkpoint(tmp_path / "b", llama_tensors(LAYERS, seed=2), llama_config(LAYERS))
+    results: dict[str, streamload.LoadedModel] = {}
+
+    async def run(name: str, path: Path) -> None:
+        gpu = sized_gpu("sim:0", path, LAYERS + 0.5, primary=True)
+        results[name] = await streamload.load(path, params([gpu, "cpu"]))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, "a", a)
+        group.start_soon(run, "b", b)
+    for model in results.values():
+        assert ("sim:0",) * LAYERS == model.plan.layer_devices
+
+
+async def test_layer_seconds_exclude_waiting_for_the_callback(ckpt: Path) -> None:
+    """``LayerPlaced.seconds`` measures allocation to placement, not the time a slow
+    ``on_event`` callback held the pipeline."""
+    placed: list[LayerPlaced] = []
+
+    async def on_event(event: Event) -> None:
+        if isinstance(event, LayerPlaced):
+            placed.append(event)
+            await anyio.sleep(0.2)
+
+    await streamload.load(
+        ckpt, params([SimulatedGPU("sim:0", total_bytes=2**30)]), on_event=on_event
+    )
+    assert max(e.seconds for e in placed) < 0.15
