@@ -90,9 +90,9 @@ from streamload.errors import (
     format_bytes,
 )
 from streamload.events import DeviceReport, Event, LayerPlaced, Replanned
-from streamload.model import ModelSpec, PartSpec, activation_bytes, inspect, layer_kv_bytes
+from streamload.model import ModelSpec, PartSpec, inspect, layer_kv_bytes
 from streamload.params import LoadParams
-from streamload.planner import DeviceCapacity, Plan
+from streamload.planner import DeviceCapacity, Plan, estimate_activations
 
 __all__ = [
     "CollectiveError",
@@ -413,19 +413,6 @@ def _cpu_shares(ranks: Sequence[RankCapacity], params: LoadParams) -> list[int |
     return shares
 
 
-def _activations(spec: ModelSpec, params: LoadParams) -> int:
-    """Mapped activation bytes per device holding layers (the planner's estimate)."""
-    vision = params.vision
-    return activation_bytes(
-        spec,
-        max_seq_len=params.max_seq_len,
-        max_batch_size=params.max_batch_size,
-        chunk=params.attention_chunk,
-        image_shape=None if vision is None else vision.max_image_shape,
-        num_images=1 if vision is None else vision.max_num_images,
-    ).mapped
-
-
 def _budgets(
     spec: ModelSpec,
     ranks: Sequence[RankCapacity],
@@ -434,7 +421,7 @@ def _budgets(
 ) -> list[int]:
     """What each rank can hold: GPU free - reserve - activations, summed; host budgets when no
     rank has GPU room."""
-    acts = _activations(spec, params)
+    acts = estimate_activations(spec, params).mapped
     gpu = [
         sum(
             max(cap.free_bytes - params.reserve_for(cap.total_bytes) - acts, 0)

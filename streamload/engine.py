@@ -75,35 +75,13 @@ from streamload.events import (
     emit,
 )
 from streamload.model import ModelSpec, inspect
-from streamload.params import LoadParams
+from streamload.params import LoadParams, torch_dtype
 from streamload.planner import DeviceCapacity, Plan
 
-__all__ = ["LoadedModel", "capacities", "load", "torch_dtype"]
+__all__ = ["LoadedModel", "capacities", "load"]
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 
 _MAX_PIECES_PER_CHUNK = 512  # well under IOV_MAX (1024) for one preadv
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    """The torch dtype for a safetensors dtype code (``"BF16" -> torch.bfloat16``)."""
-    return _TORCH_DTYPES[code]
 
 
 def capacities(

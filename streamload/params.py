@@ -7,8 +7,9 @@ at construction, so a bad setting fails before any file is opened.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import torch
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from streamload.devices import Device
 
 __all__ = [
+    "TORCH_DTYPES",
     "ContextSize",
     "CpuPolicy",
     "LoadParams",
@@ -27,6 +29,7 @@ __all__ = [
     "VisionParams",
     "dtype_code",
     "parse_dtype",
+    "torch_dtype",
 ]
 
 MiB = 2**20
@@ -34,21 +37,28 @@ GiB = 2**30
 
 CpuPolicy: TypeAlias = Literal["copy", "mmap"]
 
-# torch dtype <-> safetensors dtype code; the planner and model work with codes.
-_TORCH_TO_CODE: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+# safetensors dtype code <-> torch dtype (every code the checkpoint parser knows); the planner
+# and model work with codes, the engine and writers with torch dtypes.
+TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U64": torch.uint64,
+        "U32": torch.uint32,
+        "U16": torch.uint16,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
+)
+_TORCH_TO_CODE: Mapping[torch.dtype, str] = {dtype: code for code, dtype in TORCH_DTYPES.items()}
 
 _DTYPE_ALIASES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -84,7 +94,12 @@ def dtype_code(dtype: torch.dtype) -> str:
     try:
         return _TORCH_TO_CODE[dtype]
     except KeyError:
-        raise ValueError(f"dtype {dtype} has no safetensors code") from None
+        raise ValueError(f"torch dtype {dtype} has no safetensors code streamload knows") from None
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype for a safetensors dtype code (``"BF16" -> torch.bfloat16``)."""
+    return TORCH_DTYPES[code]
 
 
 @dataclass(frozen=True, slots=True)

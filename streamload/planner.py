@@ -103,7 +103,14 @@ from streamload.params import (
     parse_dtype,
 )
 
-__all__ = ["DeviceCapacity", "DevicePlan", "Plan", "plan", "replan"]
+__all__ = [
+    "DeviceCapacity",
+    "DevicePlan",
+    "Plan",
+    "estimate_activations",
+    "plan",
+    "replan",
+]
 
 _MIB = 2**20
 
@@ -275,7 +282,7 @@ def plan(
     measured their peak, and for tests). The rules are in the module docstring.
     """
     _check_capacities(capacities)
-    acts = _activations(spec, params) if activations is None else activations
+    acts = estimate_activations(spec, params) if activations is None else activations
     slots = tuple(
         _slot(spec, cap, params, primary=i == 0, loaded=(), already_loaded=False, eligible=True)
         for i, cap in enumerate(capacities)
@@ -317,7 +324,7 @@ def replan(
     ``DoesNotFitError`` if the remaining layers fit nowhere.
     """
     _check_replan(spec, previous, placed, capacities)
-    acts = _activations(spec, params) if activations is None else activations
+    acts = estimate_activations(spec, params) if activations is None else activations
     names = [row.device for row in previous.devices]
     first = names.index(previous.layer_devices[placed - 1]) if placed else 0
     slots = tuple(
@@ -382,7 +389,9 @@ def _check_replan(
 # Sizes: activations, KV cache, weights
 
 
-def _activations(spec: ModelSpec, params: LoadParams) -> Activations:
+def estimate_activations(spec: ModelSpec, params: LoadParams) -> Activations:
+    """``model.activation_bytes`` with the sequence, batch, chunk and vision settings of
+    ``params``: what ``plan`` charges unless given ``activations=``."""
     vision = params.vision
     return activation_bytes(
         spec,

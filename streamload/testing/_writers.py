@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from streamload.checkpoint import DTYPE_SIZES, INDEX_NAME
+from streamload.params import TORCH_DTYPES, dtype_code
 
 __all__ = [
     "TensorShape",
@@ -33,25 +34,6 @@ __all__ = [
     "write_sparse_safetensors",
 ]
 
-# safetensors dtype code -> torch dtype, for every code streamload knows.
-_TORCH_DTYPES: Mapping[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-_CODES: Mapping[torch.dtype, str] = {dtype: code for code, dtype in _TORCH_DTYPES.items()}
 _SHARD_METADATA: Mapping[str, str] = {"format": "pt"}
 
 
@@ -80,14 +62,6 @@ class TensorShape:
     def of(cls, tensor: torch.Tensor) -> TensorShape:
         """The dtype code and shape of a real tensor."""
         return cls(dtype_code(tensor.dtype), tuple(tensor.shape))
-
-
-def dtype_code(dtype: torch.dtype) -> str:
-    """The safetensors dtype code of a torch dtype (``torch.bfloat16 -> "BF16"``)."""
-    try:
-        return _CODES[dtype]
-    except KeyError:
-        raise ValueError(f"torch dtype {dtype} has no safetensors code streamload knows") from None
 
 
 def write_safetensors(
@@ -210,7 +184,7 @@ def _write_shard(
 
 
 def _zeros(shape: TensorShape) -> torch.Tensor:
-    return torch.zeros(shape.shape, dtype=_TORCH_DTYPES[shape.dtype])
+    return torch.zeros(shape.shape, dtype=TORCH_DTYPES[shape.dtype])
 
 
 def _nbytes(value: TensorShape | torch.Tensor) -> int:
