@@ -196,7 +196,6 @@ _U64_MAX = 2**64 - 1
 _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _FIRST_READ = 4096  # one page: the prefix and, for most shards, the whole header
-_BY_OFFSET = operator.attrgetter("offset")
 # (begin, end) relative to the data region, then name: the order tensors are checked in.
 _BY_SPAN = operator.attrgetter("offset", "nbytes", "name")
 # (begin, end, name) of one entry, for the tiling check's messages.
@@ -229,8 +228,7 @@ def _parse(data: bytes, *, display: Path, stored: Path, file_size: int) -> Shard
         raise CorruptHeaderError(display, f"header is a JSON {_kind(document)}, not an object")
     metadata = _metadata(document.pop("__metadata__", None), display)
     tensors = [_entry(name, info, display, stored, data_offset) for name, info in document.items()]
-    tensors.sort(key=_BY_OFFSET)
-    if not _tiles(tensors, data_offset, file_size):
+    if not _tiles(tensors, data_offset, file_size):  # writers list tensors in offset order
         tensors.sort(key=_BY_SPAN)  # zero-sized tensors sharing an offset go by name
         raws = [(e.offset - data_offset, e.end - data_offset, e.name) for e in tensors]
         _check_tiling(raws, display, region=file_size - data_offset, data_offset=data_offset)
@@ -350,8 +348,9 @@ def _checked_entry(name: str, info: object, path: Path) -> tuple[int, int, str, 
 
 
 def _tiles(tensors: list[TensorEntry], data_offset: int, file_size: int) -> bool:
-    """Whether entries sorted by offset cover the data region exactly, none of them empty (so
-    no two share an offset); ``_check_tiling`` decides the rest."""
+    """Whether the entries, in the order given, cover the data region exactly, none of them
+    empty (so they are in offset order and no two share one); ``_check_tiling`` decides the
+    rest once they are sorted."""
     cursor = data_offset
     for entry in tensors:
         if entry.offset != cursor or not entry.nbytes:
