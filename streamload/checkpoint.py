@@ -473,11 +473,11 @@ def _open_sharded(directory: Path, index: Path) -> Checkpoint:
         _check_shard_name(shard, index)
     root = _resolve(directory)
     resolved = root == directory
-    links = _symlinks(directory)
+    listing = _listing(directory)
     headers = []
     for shard in shard_names:
         path = directory / shard
-        if "/" in shard or "\\" in shard or _is_link(shard, path, links):
+        if "/" in shard or "\\" in shard or _is_link(shard, path, listing):
             stored = None  # in a subdirectory, or a symlink: resolved on its own
         else:
             stored = path if resolved else root / shard
@@ -534,19 +534,21 @@ def _check_against_index(
             raise IndexMismatchError(directory / shard, problem, tensor=extra)
 
 
-def _symlinks(directory: Path) -> set[str] | None:
-    """The names of the symlinks in ``directory`` (one listing, not a ``stat`` per shard);
+def _listing(directory: Path) -> dict[str, bool] | None:
+    """``{name: is a symlink}`` for ``directory`` (one listing, not a ``stat`` per shard);
     ``None`` if it cannot be listed (the shards may still be readable)."""
     try:
         with os.scandir(directory) as entries:
-            return {entry.name for entry in entries if entry.is_symlink()}
+            return {entry.name: entry.is_symlink() for entry in entries}
     except OSError:
         return None
 
 
-def _is_link(name: str, path: Path, links: set[str] | None) -> bool:
-    """Whether ``path`` (``directory / name``) is a symlink; ``links`` from ``_symlinks``."""
-    return name in links if links is not None else os.path.islink(path)
+def _is_link(name: str, path: Path, listing: dict[str, bool] | None) -> bool:
+    """Whether ``path`` (``directory / name``) is a symlink: from ``_listing`` when it has the
+    name as given, else (no listing, or a file system that matches names loosely) asked."""
+    link = None if listing is None else listing.get(name)
+    return os.path.islink(path) if link is None else link
 
 
 def _read_index(index: Path) -> tuple[dict[str, str], list[str]]:

@@ -681,6 +681,26 @@ def test_open_sharded_symlinked_shards_carry_their_targets(tmp_path: Path) -> No
     ]
 
 
+def test_open_sharded_symlinks_found_without_a_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory that cannot be listed (only searched) still resolves symlinked shards."""
+    target = shard(tmp_path / "blobs", "1111", ["a"])
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "s1.safetensors").symlink_to(target)
+    plain = shard(snapshot, "s2.safetensors", ["b"])
+    write_index(snapshot, {"a": "s1.safetensors", "b": "s2.safetensors"})
+
+    def refuse(path: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("os.scandir", refuse)
+    checkpoint = open_checkpoint(snapshot)
+
+    assert [target.resolve(), plain.resolve()] == [s.path for s in checkpoint.shards]
+
+
 def test_open_sharded_symlinked_shard_error_names_the_link(tmp_path: Path) -> None:
     """A corrupt shard reached through a symlink is reported under the name the index gives."""
     target = write(tmp_path / "blobs", "bad", golden(b"nope"))
