@@ -1,46 +1,60 @@
-"""Load throughput and host memory: streamload vs safetensors vs the disk, in one run.
+"""Load throughput and host memory: streamload vs the loaders people use today, in one run.
 
-    python -m benchmarks.load_throughput [--size-gb 3] [--rounds 3] [--cold] [--json FILE]
+    python -m benchmarks.load_throughput [--size-gb 3] [--rounds 3] [--cold] [--methods a,b]
+                                         [--json FILE]
 
-Writes a Llama-shaped bf16 checkpoint (4 shards, random data) once, then measures each method in
-its own process, alternating methods round by round, and reports medians and ratios to the
-baselines measured in the same run:
+Writes a Llama-shaped bf16 checkpoint (4 shards, random data, a llama ``config.json``) once,
+then measures each method (``benchmarks.methods``) in its own process, alternating the order
+round by round, and reports medians and ratios to the baselines of the same run
+(``safetensors`` and ``disk``; each ratio is the median of the per-round ratios).
 
-- ``safetensors``: ``safetensors.torch.load_file`` per shard + ``clone()`` of every tensor
-  (every byte materialised in process memory);
-- ``streamload-cpu``: ``streamload.load`` to the CPU, ``cpu_policy="copy"``;
-- ``streamload-mmap``: to the CPU, ``cpu_policy="mmap"`` (zero copy: pages stay in the page
-  cache, reported as such, not as a faster load);
-- ``streamload-sim``: to a staged ``SimulatedGPU`` (the CUDA path's staging ring and copies, with
-  a host ``copy_`` as the copy primitive);
-- ``disk``: 8 threads ``pread``-ing 16 MiB chunks into reused buffers (the read limit).
+Warm runs read every file just before each run so the page cache holds it; ``--cold`` evicts
+the files (``posix_fadvise(DONTNEED)``) before each run instead.
 
-``--cold`` evicts the files from the page cache (``posix_fadvise(DONTNEED)``) before every run.
-Peak host memory is the process's peak RSS (``VmHWM``) minus its RSS once the libraries are
-imported, minus the bytes placed (a simulated GPU's memory is host memory too).
+Per run: ``seconds`` of the load call (after the libraries are imported), ``gb_per_s``
+(checkpoint tensor bytes / seconds), ``mapped_bytes`` (tensor bytes left memory-mapped from the
+checkpoint file rather than held in process memory: such a load is labelled ``mapped``, and
+``gb_per_s_touched`` adds the time to fault every page in once), ``extra_host_bytes`` (peak RSS,
+``VmHWM``, beyond the RSS once imports are done, the bytes placed and the mapped pages still
+resident) and ``extra_anon_bytes`` (the same from sampled anonymous memory, which leaves out
+file pages a loader maps transiently), and ``user_s``, ``sys_s``, ``minor_faults`` over the
+load call, every thread included (CPU seconds move less than wall seconds on a shared machine).
+A simulated GPU's memory is host memory, so it counts as placed. A method that fails reports
+``{"error": reason}`` instead of figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import resource
+import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
+import traceback
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-METHODS = ("disk", "safetensors", "streamload-cpu", "streamload-mmap", "streamload-sim")
-CHUNK = 16 * 2**20
+from benchmarks import procfs
+from benchmarks.methods import CHUNK, METHODS, shard_files
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINES = ("safetensors", "disk")
+DEFAULT_TIMEOUT = 900.0
+
+# (hidden, intermediate, heads, kv heads, vocab): the 3 GB default keeps Llama-3.2-1B-like
+# widths; small checkpoints (tests) shrink them so a few layers fit.
+_WIDE = (2048, 8192, 16, 8, 32000)
+_NARROW = (256, 1024, 4, 2, 4096)
 
 
 def llama_shaped(size_gb: float) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
     """Tensor shapes (bf16) and config of a Llama-style model of about ``size_gb`` GB."""
-    hidden, inter, heads, kv_heads, vocab = 2048, 8192, 16, 8, 32000
+    hidden, inter, heads, kv_heads, vocab = _WIDE if size_gb >= 0.5 else _NARROW
     head_dim = hidden // heads
     per_layer = 2 * (
         hidden * hidden * 2 + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter + 2 * hidden
@@ -96,15 +110,11 @@ def ensure_checkpoint(directory: Path, size_gb: float) -> Path:
     }
     write_sharded(directory, tensors, num_shards=4, sparse=False, config=config)
     del tensors
-    for path in directory.glob("*.safetensors"):
+    for path in shard_files(directory):
         with path.open("rb+") as f:
             os.fsync(f.fileno())
     marker.write_text(json.dumps({"size_gb": size_gb}))
     return directory
-
-
-def shard_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors"))
 
 
 def evict(directory: Path) -> None:
@@ -126,238 +136,211 @@ def warm(directory: Path) -> None:
                 pass
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+# --- one run, in the child process -------------------------------------------------------
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak RSS (``VmHWM``; unlike ``ru_maxrss`` it is not inherited from the
-    parent across ``exec``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-# --- the methods (each runs in a fresh process) --------------------------------------------
-
-
-def run_disk(directory: Path) -> dict[str, Any]:
-    files = shard_files(directory)
-    jobs = [(p, off) for p in files for off in range(0, p.stat().st_size, CHUNK)]
-    lock = threading.Lock()
-    total = 0
-
-    def worker() -> None:
-        nonlocal total
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        fds: dict[Path, int] = {}
-        got = 0
-        while True:
-            with lock:
-                if not jobs:
-                    break
-                path, off = jobs.pop()
-            fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
-            got += os.preadv(fd, [view], off)
-        for fd in fds.values():
-            os.close(fd)
-        with lock:
-            total += got
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"seconds": time.perf_counter() - start, "bytes": total, "placed": 0}
-
-
-def run_safetensors(directory: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    start = time.perf_counter()
-    kept = {}
-    for path in shard_files(directory):
-        loaded = load_file(path)
-        kept.update({name: tensor.clone() for name, tensor in loaded.items()})
-        del loaded
-    seconds = time.perf_counter() - start
-    placed = sum(t.nbytes for t in kept.values())
-    return {"seconds": seconds, "bytes": placed, "placed": placed}
-
-
-def run_streamload(directory: Path, method: str) -> dict[str, Any]:
-    import anyio
-
-    import streamload
-    from streamload.testing import SimulatedGPU
-
-    policy: Literal["copy", "mmap"] = "mmap" if method == "streamload-mmap" else "copy"
-    if method == "streamload-sim":
-        devices: list[Any] = [SimulatedGPU("sim:0", total_bytes=64 * 2**30)]
-    else:
-        devices = ["cpu"]
-    params = streamload.LoadParams(
-        devices=devices, cpu_policy=policy, reserve_min_bytes=0, max_seq_len=256
-    )
-    worst = 0.0
-
-    async def main() -> Any:
-        nonlocal worst
-        done = anyio.Event()
-
-        async def heartbeat() -> None:
-            nonlocal worst
-            last = time.perf_counter()
-            while not done.is_set():
-                await anyio.sleep(0.001)
-                now = time.perf_counter()
-                worst = max(worst, now - last)
-                last = now
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(heartbeat)
-            model = await streamload.load(directory, params)
-            done.set()
-        return model
-
-    start = time.perf_counter()
-    model = anyio.run(main)
-    seconds = time.perf_counter() - start
-    placed = model.report.nbytes
-    return {
-        "seconds": seconds,
-        "bytes": model.report.stored_bytes,
-        "placed": 0 if method == "streamload-mmap" else placed,
-        "worst_loop_gap_ms": worst * 1000,
-        "staging_bytes": model.report.staging_bytes,
+def run_one(name: str, directory: Path) -> dict[str, Any]:
+    """Run method ``name`` once in this process and measure it (see the module docstring)."""
+    method = METHODS[name]
+    # Import what the method needs first, so the baseline includes the libraries.
+    for module in ("torch", *method.imports):
+        importlib.import_module(module)
+    base_rss = procfs.rss_bytes()
+    base_file = procfs.status_bytes("RssFile")
+    with procfs.AnonPeak() as anon:
+        base_anon = anon.peak
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        loaded = method.run(directory)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    peak = procfs.peak_rss_bytes()
+    file_growth = procfs.status_bytes("RssFile") - base_file
+    tensors = procfs.unique_tensors(loaded.tensors)
+    held = sum(t.nbytes for t in tensors)
+    mapped = procfs.mapped_bytes(tensors)
+    placed = held - mapped
+    result: dict[str, Any] = {
+        "seconds": loaded.seconds,
+        "bytes": loaded.bytes_read,
+        "gb_per_s": loaded.bytes_read / loaded.seconds / 1e9,
+        "user_s": after.ru_utime - before.ru_utime,
+        "sys_s": after.ru_stime - before.ru_stime,
+        "minor_faults": after.ru_minflt - before.ru_minflt,
+        "tensors": len(tensors),
+        "placed_bytes": placed,
+        "mapped_bytes": mapped,
+        "extra_host_bytes": peak - base_rss - placed - min(mapped, max(file_growth, 0)),
+        "extra_anon_bytes": max(anon.peak - base_anon - placed, 0),
+        **loaded.extras,
     }
-
-
-RUNNERS: dict[str, Callable[[Path], dict[str, Any]]] = {
-    "disk": run_disk,
-    "safetensors": run_safetensors,
-    "streamload-cpu": lambda d: run_streamload(d, "streamload-cpu"),
-    "streamload-mmap": lambda d: run_streamload(d, "streamload-mmap"),
-    "streamload-sim": lambda d: run_streamload(d, "streamload-sim"),
-}
-
-
-def run_one(method: str, directory: Path) -> dict[str, Any]:
-    # Import everything any method needs first, so the baseline includes the libraries.
-    import anyio  # noqa: F401
-    import safetensors.torch  # noqa: F401
-    import torch  # noqa: F401
-
-    import streamload
-    import streamload.testing  # noqa: F401
-
-    base = rss_bytes()
-    result = RUNNERS[method](directory)
-    result["extra_host_bytes"] = peak_rss_bytes() - base - result["placed"]
-    result["gb_per_s"] = result["bytes"] / result["seconds"] / 1e9
+    if mapped:
+        start = time.perf_counter()
+        procfs.touch_pages(tensors)
+        touch = time.perf_counter() - start
+        result["touch_seconds"] = touch
+        result["gb_per_s_touched"] = loaded.bytes_read / (loaded.seconds + touch) / 1e9
     return result
+
+
+def child(name: str, directory: Path) -> dict[str, Any]:
+    """``run_one``, with a failure reported as ``{"error": reason}`` (paths left out)."""
+    try:
+        return run_one(name, directory)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        for path in {str(directory.resolve()), str(directory)}:
+            reason = reason.replace(path, "<checkpoint>")
+        traceback.print_exc()
+        return {"error": reason}
 
 
 # --- the driver ----------------------------------------------------------------------------
 
 
-def measure(directory: Path, methods: list[str], rounds: int, cold: bool) -> dict[str, Any]:
+def spawn(name: str, directory: Path, timeout: float) -> dict[str, Any]:
+    """Run one method in a fresh process; a crash or a timeout is an error, not an exception."""
+    env = dict(os.environ, **dict(METHODS[name].env)) if name in METHODS else dict(os.environ)
+    command = [sys.executable, "-m", "benchmarks.load_throughput", "--child", name]
+    command += ["--dir", str(directory.resolve())]
+    try:
+        out = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = out.stdout.strip().splitlines()
+    if out.returncode == 0 and lines:
+        try:
+            result: dict[str, Any] = json.loads(lines[-1])
+            return result
+        except json.JSONDecodeError:
+            pass
+    if out.returncode < 0:
+        status = f"killed by {signal.Signals(-out.returncode).name}"
+    else:
+        status = f"exit status {out.returncode}"
+    last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"{status}: {last}"}
+
+
+def measure(
+    directory: Path,
+    methods: list[str],
+    rounds: int,
+    cold: bool,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every method once per round, in alternating order; the raw per-run results."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    if not cold:
-        warm(directory)
     for r in range(rounds):
         order = methods if r % 2 == 0 else list(reversed(methods))
-        for method in order:
+        for name in order:
             if cold:
                 evict(directory)
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.load_throughput",
-                    "--child",
-                    method,
-                    "--dir",
-                    str(directory),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    summary: dict[str, Any] = {}
-    for method, results in runs.items():
-        summary[method] = {
-            key: statistics.median(r[key] for r in results)
-            for key in results[0]
-            if isinstance(results[0][key], (int, float))
-        }
-    return {"cold": cold, "rounds": rounds, "methods": summary, "runs": runs}
+            else:
+                warm(directory)
+            runs[name].append(spawn(name, directory, timeout))
+    return runs
 
 
-def ratios(summary: dict[str, Any]) -> dict[str, float]:
-    methods = summary["methods"]
-    out: dict[str, float] = {}
+def _paired_ratio(
+    a: list[dict[str, Any]], b: list[dict[str, Any]], key: str = "gb_per_s", base_key: str = ""
+) -> float | None:
+    """Median over rounds of ``a[r][key] / b[r][base_key or key]`` (rounds where both ran)."""
+    base_key = base_key or key
+    pairs = [x[key] / y[base_key] for x, y in zip(a, b, strict=True) if key in x and base_key in y]
+    return statistics.median(pairs) if pairs else None
 
-    def rate(m: str) -> float:
-        return float(methods[m]["gb_per_s"])
 
-    if "safetensors" in methods:
-        for m in ("streamload-cpu", "streamload-sim", "streamload-mmap"):
-            if m in methods:
-                out[f"{m}/safetensors"] = rate(m) / rate("safetensors")
-    if "disk" in methods:
-        for m in ("streamload-cpu", "streamload-sim"):
-            if m in methods:
-                out[f"{m}/disk"] = rate(m) / rate("disk")
-    if "streamload-sim" in methods and "streamload-cpu" in methods:
-        out["streamload-cpu/streamload-sim"] = rate("streamload-cpu") / rate("streamload-sim")
-    return out
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per method: medians of every figure over the rounds it ran, ratios to the baselines
+    (``x_safetensors``, ``x_disk``), or ``error`` when no round ran."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name, results in runs.items():
+        ok = [r for r in results if "error" not in r]
+        errors = sorted({r["error"] for r in results if "error" in r})
+        row: dict[str, Any] = {"note": METHODS[name].note if name in METHODS else ""}
+        if not ok:
+            row["error"] = errors[0] if errors else "not run"
+            summary[name] = row
+            continue
+        keys = [k for k in ok[0] if isinstance(ok[0][k], (int, float))]
+        row.update({k: statistics.median(r[k] for r in ok if k in r) for k in keys})
+        row["rounds"] = len(ok)
+        row["mapped"] = row["mapped_bytes"] > 0
+        if errors:
+            row["failed_rounds"] = len(results) - len(ok)
+            row["errors"] = errors
+        for base in BASELINES:
+            if base in runs and base != name:
+                for key, suffix in (("gb_per_s", ""), ("gb_per_s_touched", "_touched")):
+                    ratio = _paired_ratio(results, runs[base], key, "gb_per_s")
+                    if ratio is not None:
+                        row[f"x_{base}{suffix}"] = ratio
+        summary[name] = row
+    if "streamload-cpu" in runs and "streamload-sim" in runs:
+        ratio = _paired_ratio(runs["streamload-cpu"], runs["streamload-sim"])
+        if ratio is not None:
+            summary["streamload-sim"]["cpu_over_sim"] = ratio
+    return summary
+
+
+def benchmark(
+    directory: Path,
+    methods: list[str],
+    rounds: int,
+    cold: bool,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> dict[str, Any]:
+    """Measure and summarise; the result as written to JSON."""
+    runs = measure(directory, methods, rounds, cold, timeout)
+    return {
+        "cold": cold,
+        "rounds": rounds,
+        "checkpoint_bytes": sum(p.stat().st_size for p in shard_files(directory)),
+        "methods": summarise(runs),
+        "runs": runs,
+    }
+
+
+def write_checkpoint(directory: Path, size_gb: float) -> None:
+    """Write the checkpoint in a child process, so the driver never holds the tensors."""
+    marker = directory / ".complete"
+    if marker.exists() and json.loads(marker.read_text()) == {"size_gb": size_gb}:
+        return
+    command = [sys.executable, "-m", "benchmarks.load_throughput", "--write-only"]
+    command += ["--dir", str(directory.resolve()), "--size-gb", str(size_gb)]
+    subprocess.run(command, cwd=ROOT, check=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--dir", type=Path, default=Path(".bench/llama-3gb"))
+    p.add_argument("--size-gb", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cold", action="store_true")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per run")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
+    p.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dir", type=Path, default=Path(".bench/llama-3gb"))
-    parser.add_argument("--size-gb", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--cold", action="store_true")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
-    parser.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.child:
-        print(json.dumps(run_one(args.child, args.dir)))
+        print(json.dumps(child(args.child, args.dir)))
         return 0
     if args.write_only:
         ensure_checkpoint(args.dir, args.size_gb)
         return 0
-    # Written in a child process, so this driver never holds the tensors.
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.load_throughput",
-            "--write-only",
-            "--dir",
-            str(args.dir),
-            "--size-gb",
-            str(args.size_gb),
-        ],
-        check=True,
-    )
-    directory = args.dir
-    result = measure(directory, args.methods.split(","), args.rounds, args.cold)
-    result["ratios"] = ratios(result)
-    result["checkpoint_bytes"] = sum(p.stat().st_size for p in shard_files(directory))
-    text = json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2)
-    print(text)
+    write_checkpoint(args.dir, args.size_gb)
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods: {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    result = benchmark(args.dir, methods, args.rounds, args.cold, args.timeout)
+    print(json.dumps(result["methods"], indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

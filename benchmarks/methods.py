@@ -1,0 +1,282 @@
+"""The loads being compared. Each runs in a fresh process (see ``load_throughput``) and returns
+what it loaded; the harness measures memory and mappings around it.
+
+- ``disk``: 8 threads ``pread`` 16 MiB chunks into reused buffers (the read limit);
+- ``safetensors``: ``safetensors.torch.load_file`` per shard + ``clone()`` of every tensor
+  (``load_file`` maps the file; the clone materialises every byte in process memory);
+- ``streamload-cpu``, ``streamload-mmap``: ``streamload.load`` to the CPU under
+  ``cpu_policy="copy"`` and ``"mmap"``;
+- ``streamload-sim``: to a staged ``SimulatedGPU`` (the CUDA path's staging ring and copies,
+  with a host ``copy_`` as the copy primitive);
+- ``transformers``: ``AutoModelForCausalLM.from_pretrained(path, device_map="cpu")``;
+- ``accelerate``: the model built under ``init_empty_weights``, then
+  ``load_checkpoint_and_dispatch(model, path, device_map={"": "cpu"})``;
+- ``runai``: runai-model-streamer's ``SafetensorsStreamer`` to the CPU, every tensor kept;
+  ``runai-buffered`` the same with ``RUNAI_STREAMER_FS_STRATEGY=sync_buffered`` (its default
+  reads with ``O_DIRECT`` where the filesystem allows, bypassing the page cache);
+- ``fastsafetensors``: ``SafeTensorsFileLoader(None, "cpu", nogds=True)``, every tensor kept;
+  ``fastsafetensors-buffered`` with ``FASTSAFETENSORS_ODIRECT=0`` (same reason).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+CHUNK = 16 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What one load did: wall seconds of the load call, bytes it read, the tensors it holds."""
+
+    seconds: float
+    bytes_read: int
+    tensors: list[torch.Tensor]
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """A load under test: its runner, the modules imported before the memory baseline, the
+    environment its process gets, and a few words on what it does."""
+
+    run: Callable[[Path], Loaded]
+    imports: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    note: str = ""
+
+
+def shard_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def run_disk(directory: Path) -> Loaded:
+    files = shard_files(directory)
+    jobs = [(p, off) for p in files for off in range(0, p.stat().st_size, CHUNK)]
+    lock = threading.Lock()
+    total = 0
+
+    def worker() -> None:
+        nonlocal total
+        view = memoryview(bytearray(CHUNK))
+        fds: dict[Path, int] = {}
+        got = 0
+        while True:
+            with lock:
+                if not jobs:
+                    break
+                path, off = jobs.pop()
+            fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
+            got += os.preadv(fd, [view], off)
+        for fd in fds.values():
+            os.close(fd)
+        with lock:
+            total += got
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return Loaded(time.perf_counter() - start, total, [])
+
+
+def run_safetensors(directory: Path) -> Loaded:
+    from safetensors.torch import load_file
+
+    start = time.perf_counter()
+    kept: list[torch.Tensor] = []
+    for path in shard_files(directory):
+        loaded = load_file(path)
+        kept.extend(tensor.clone() for tensor in loaded.values())
+        del loaded
+    seconds = time.perf_counter() - start
+    return Loaded(seconds, sum(t.nbytes for t in kept), kept)
+
+
+def run_streamload(directory: Path, target: str, policy: Literal["copy", "mmap"]) -> Loaded:
+    import anyio
+
+    import streamload
+    from streamload.testing import SimulatedGPU
+
+    devices: list[Any] = (
+        [SimulatedGPU("sim:0", total_bytes=64 * 2**30)] if target == "sim" else ["cpu"]
+    )
+    params = streamload.LoadParams(
+        devices=devices, cpu_policy=policy, reserve_min_bytes=0, max_seq_len=256
+    )
+    worst, worst_at = 0.0, 0.0
+
+    async def main() -> Any:
+        nonlocal worst, worst_at
+        done = anyio.Event()
+        began = time.perf_counter()
+
+        async def heartbeat() -> None:
+            nonlocal worst, worst_at
+            last = time.perf_counter()
+            while not done.is_set():
+                await anyio.sleep(0.001)
+                now = time.perf_counter()
+                if now - last > worst:
+                    worst, worst_at = now - last, last - began
+                last = now
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(heartbeat)
+            model = await streamload.load(directory, params)
+            done.set()
+        return model
+
+    start = time.perf_counter()
+    model = anyio.run(main)
+    seconds = time.perf_counter() - start
+    return Loaded(
+        seconds,
+        model.report.stored_bytes,
+        list(model.tensors.values()),
+        {
+            "worst_loop_gap_ms": worst * 1000,
+            "worst_loop_gap_at_s": worst_at,
+            "staging_bytes": model.report.staging_bytes,
+        },
+    )
+
+
+def run_transformers(directory: Path) -> Loaded:
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(directory, device_map="cpu")
+    seconds = time.perf_counter() - start
+    tensors = list(model.state_dict().values())
+    return Loaded(seconds, tensor_bytes(directory), tensors)
+
+
+def run_accelerate(directory: Path) -> Loaded:
+    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    start = time.perf_counter()
+    config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = load_checkpoint_and_dispatch(model, str(directory), device_map={"": "cpu"})
+    seconds = time.perf_counter() - start
+    tensors = list(model.state_dict().values())
+    return Loaded(seconds, tensor_bytes(directory), tensors)
+
+
+def run_runai(directory: Path) -> Loaded:
+    from runai_model_streamer import SafetensorsStreamer
+
+    files = [str(p) for p in shard_files(directory)]
+    # From 0.17 every yielded tensor is the caller's (``owned=True``, a fresh buffer per ring
+    # slot); earlier versions yield views into buffers they reuse, which must be cloned.
+    owned = "owned" in inspect.signature(SafetensorsStreamer.stream_files).parameters
+    start = time.perf_counter()
+    kept: list[torch.Tensor] = []
+    with SafetensorsStreamer() as streamer:
+        if owned:
+            streamer.stream_files(files, device="cpu", owned=True)
+        else:
+            streamer.stream_files(files, device="cpu")
+        for _, tensor in streamer.get_tensors():
+            kept.append(tensor if owned else tensor.clone())
+    seconds = time.perf_counter() - start
+    return Loaded(seconds, sum(t.nbytes for t in kept), kept, {"owned": float(owned)})
+
+
+def run_fastsafetensors(directory: Path) -> Loaded:
+    from fastsafetensors import SafeTensorsFileLoader
+
+    files = [str(p) for p in shard_files(directory)]
+    start = time.perf_counter()
+    loader = SafeTensorsFileLoader(None, "cpu", nogds=True)
+    try:
+        loader.add_filenames({0: files})
+        buffers = loader.copy_files_to_device()
+        try:
+            # Tensors share ownership of their buffer: they stay valid after ``close()``.
+            kept = [buffers.get_tensor(name) for name in loader.get_keys()]
+        finally:
+            buffers.close()
+    finally:
+        loader.close()
+    seconds = time.perf_counter() - start
+    return Loaded(seconds, sum(t.nbytes for t in kept), kept)
+
+
+def tensor_bytes(directory: Path) -> int:
+    """Bytes of tensor data in the checkpoint's shards, from their headers."""
+    total = 0
+    for path in shard_files(directory):
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(
+            end - start
+            for name, entry in header.items()
+            if name != "__metadata__"
+            for start, end in [entry["data_offsets"]]
+        )
+    return total
+
+
+_STREAMLOAD = ("anyio", "streamload", "streamload.testing")
+_HF = ("transformers", "transformers.models.llama.modeling_llama", "accelerate")
+
+METHODS: dict[str, Method] = {
+    "disk": Method(run_disk, note="8 threads pread 16 MiB chunks into reused buffers"),
+    "safetensors": Method(
+        run_safetensors, ("safetensors.torch",), note="load_file per shard + clone()"
+    ),
+    "streamload-cpu": Method(
+        lambda d: run_streamload(d, "cpu", "copy"), _STREAMLOAD, note='cpu_policy="copy"'
+    ),
+    "streamload-mmap": Method(
+        lambda d: run_streamload(d, "cpu", "mmap"), _STREAMLOAD, note='cpu_policy="mmap"'
+    ),
+    "streamload-sim": Method(
+        lambda d: run_streamload(d, "sim", "copy"),
+        _STREAMLOAD,
+        note="simulated GPU: staging ring + copy",
+    ),
+    "transformers": Method(run_transformers, _HF, note='from_pretrained(device_map="cpu")'),
+    "accelerate": Method(
+        run_accelerate, _HF, note="init_empty_weights + load_checkpoint_and_dispatch"
+    ),
+    "runai": Method(
+        run_runai,
+        ("runai_model_streamer",),
+        note="SafetensorsStreamer, defaults (O_DIRECT where possible)",
+    ),
+    "runai-buffered": Method(
+        run_runai,
+        ("runai_model_streamer",),
+        (("RUNAI_STREAMER_FS_STRATEGY", "sync_buffered"),),
+        note="SafetensorsStreamer, page-cache reads",
+    ),
+    "fastsafetensors": Method(
+        run_fastsafetensors,
+        ("fastsafetensors",),
+        note="nogds, defaults (O_DIRECT on local filesystems)",
+    ),
+    "fastsafetensors-buffered": Method(
+        run_fastsafetensors,
+        ("fastsafetensors",),
+        (("FASTSAFETENSORS_ODIRECT", "0"),),
+        note="nogds, page-cache reads",
+    ),
+}

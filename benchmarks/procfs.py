@@ -1,0 +1,105 @@
+"""What ``/proc`` says about this process: resident memory, its peak, and which tensors are
+memory-mapped from a checkpoint file rather than held in the process's own memory."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+from types import TracebackType
+
+import torch
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``RssAnon``, ``RssFile``) in bytes."""
+    prefix = field + ":"
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(prefix):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (``VmHWM``; unlike ``ru_maxrss`` it is not inherited from the
+    parent across ``exec``)."""
+    return status_bytes("VmHWM")
+
+
+class AnonPeak:
+    """Samples ``RssAnon`` every ``interval`` seconds on a thread; ``peak`` is the largest seen.
+
+    The kernel keeps no high-water mark for anonymous memory alone, and ``VmHWM`` also counts
+    file pages a loader maps (page cache, not memory it allocated). A sample can miss a spike
+    shorter than the interval; buffers that matter live far longer.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = status_bytes("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, status_bytes("RssAnon"))
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, status_bytes("RssAnon"))
+
+
+def file_mappings(suffix: str = ".safetensors") -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of files whose name ends in ``suffix``."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n").endswith(suffix):
+                start, end = fields[0].split("-")
+                ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def unique_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` without repeats of the same bytes (tied weights count once)."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for tensor in tensors:
+        key = (tensor.data_ptr(), tensor.nbytes)
+        if key not in seen:
+            seen.add(key)
+            out.append(tensor)
+    return out
+
+
+def mapped_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors`` whose data lies in a mapping of a checkpoint file."""
+    ranges = file_mappings()
+    return sum(t.nbytes for t in tensors if any(lo <= t.data_ptr() < hi for lo, hi in ranges))
+
+
+def touch_pages(tensors: Iterable[torch.Tensor]) -> None:
+    """Read one byte of every page of every tensor (faults memory-mapped data in)."""
+    for tensor in tensors:
+        if tensor.nbytes:
+            flat = tensor.detach().reshape(-1).view(torch.uint8)
+            int(flat[::PAGE].sum())
