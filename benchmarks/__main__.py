@@ -1,22 +1,92 @@
-"""Run every benchmark: ``python -m benchmarks`` (or ``make bench``).
+"""Run every benchmark: ``python -m benchmarks`` (what ``make bench`` runs).
 
-Results go to ``benchmarks/results/`` as JSON; the README's tables are copied from them.
+Plan time (``benchmarks.plan_time``), then load throughput and host memory warm and cold
+(``benchmarks.load_throughput``: streamload and the peer loaders, each run in its own process,
+alternating). Writes to ``benchmarks/results/``:
+
+- ``summary.json``: machine facts, the command, medians and ratios, plan time, loop stalls;
+- ``README_TABLE.md``: the same as markdown tables, for the README;
+- ``throughput.png``: throughput per method, warm and cold;
+- ``load_warm.json``, ``load_cold.json``, ``plan_time.json``: everything, every run.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from benchmarks import load_throughput, plan_time
+from benchmarks import load_throughput, machine, plan_time, report
+from benchmarks.methods import METHODS, shard_files
 
-RESULTS = Path("benchmarks/results")
+ROOT = load_throughput.ROOT
+RESULTS = ROOT / "benchmarks" / "results"
 
 
-def main() -> int:
-    plan_time.main(["--json", str(RESULTS / "plan_time.json")])
-    load_throughput.main(["--json", str(RESULTS / "load_warm.json")])
-    load_throughput.main(["--cold", "--json", str(RESULTS / "load_cold.json")])
+def checkpoint_facts(directory: Path) -> dict[str, Any]:
+    config = json.loads((directory / "config.json").read_text())
+    return {
+        "bytes": sum(p.stat().st_size for p in shard_files(directory)),
+        "shards": len(shard_files(directory)),
+        "layers": config["num_hidden_layers"],
+        "hidden_size": config["hidden_size"],
+        "dtype": "bf16",
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--dir", type=Path, default=ROOT / ".bench" / "llama-3gb")
+    p.add_argument("--size-gb", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--modes", default="warm,cold", help="warm, cold or both")
+    p.add_argument("--no-plan-time", action="store_true", help="skip the plan-time benchmark")
+    p.add_argument("--timeout", type=float, default=load_throughput.DEFAULT_TIMEOUT)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods: {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    results: Path = args.results
+    results.mkdir(parents=True, exist_ok=True)
+    before = machine.load_average()
+    plan: dict[str, Any] = {}
+    if not args.no_plan_time:
+        plan_time.main(["--json", str(results / "plan_time.json")])
+        plan = json.loads((results / "plan_time.json").read_text())
+    load_throughput.write_checkpoint(args.dir, args.size_gb)
+    load: dict[str, Any] = {}
+    for mode in args.modes.split(","):
+        result = load_throughput.benchmark(
+            args.dir, methods, args.rounds, cold=mode == "cold", timeout=args.timeout
+        )
+        (results / f"load_{mode}.json").write_text(json.dumps(result, indent=2))
+        load[mode] = result["methods"]
+    command = "python -m benchmarks" + ("" if argv is None else " " + " ".join(argv))
+    if argv is None and len(sys.argv) > 1:
+        command += " " + " ".join(sys.argv[1:])
+    summary = {
+        "command": command,
+        "machine": machine.facts(args.dir, ROOT),
+        "load_average": {"before": before, "after": machine.load_average()},
+        "checkpoint": checkpoint_facts(args.dir),
+        "rounds": args.rounds,
+        "load": load,
+        "plan_time": plan,
+    }
+    (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = report.markdown(summary)
+    (results / "README_TABLE.md").write_text(table)
+    report.plot(summary, results / "throughput.png")
+    print(table)
     return 0
 
 

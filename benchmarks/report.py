@@ -1,0 +1,239 @@
+"""The benchmark summary as a markdown table (``README_TABLE.md``) and a chart
+(``throughput.png``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MiB = 2**20
+MODES = ("warm", "cold")
+TIMES = "×"  # noqa: RUF001 - ratios are written with the multiplication sign, as in the README
+
+
+def _rate(row: dict[str, Any]) -> str:
+    """GB/s; a memory-mapped load shows the rate including one read of every page."""
+    if "error" in row:
+        return "—"
+    if row.get("mapped"):
+        return f"{row['gb_per_s_touched']:.2f}\\*"
+    return f"{row['gb_per_s']:.2f}"
+
+
+def _ratio(method: str, row: dict[str, Any], base: str) -> str:
+    if "error" in row:
+        return "—"
+    if method == base:
+        return f"1.00{TIMES}"
+    key = f"x_{base}_touched" if row.get("mapped") else f"x_{base}"
+    return f"{row[key]:.2f}{TIMES}" if key in row else "—"
+
+
+def _memory(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return "—"
+    return f"{row['extra_host_bytes'] / MiB:,.0f} / {row['extra_anon_bytes'] / MiB:,.0f}"
+
+
+def _kind(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return "not run"
+    return "memory-mapped" if row.get("mapped") else "in memory"
+
+
+def load_table(load: dict[str, dict[str, Any]]) -> list[str]:
+    modes = [m for m in MODES if m in load]
+    methods = list(next(iter(load.values())))
+    head = ["method", "how", "tensors"]
+    for mode in modes:
+        head += [f"{mode} GB/s", f"{TIMES} safetensors", f"{TIMES} disk"]
+    head += ["extra host MiB (RSS / anon)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    errors = []
+    for method in methods:
+        first = load[modes[0]][method]
+        cells = [f"`{method}`", first.get("note", ""), _kind(first)]
+        for mode in modes:
+            row = load[mode].get(method, {"error": "not run"})
+            cells += [_rate(row), _ratio(method, row, "safetensors"), _ratio(method, row, "disk")]
+            if "error" in row:
+                errors.append(f"`{method}` ({mode}): {row['error']}")
+        cells.append(_memory(first))
+        lines.append("| " + " | ".join(cells) + " |")
+    mapped = [
+        f"`{m}` {load[modes[0]][m]['seconds']:.2f} s"
+        for m in methods
+        if load[modes[0]][m].get("mapped")
+    ]
+    lines.append("")
+    if mapped:
+        lines.append(
+            "\\* Memory-mapped: the tensors point into the checkpoint file, so the call returns "
+            "before the data is read (warm call: " + ", ".join(mapped) + "). The rate shown "
+            "includes one read of every page, the least any use of the weights costs."
+        )
+        lines.append("")
+    for error in errors:
+        lines.append(f"Not run: {error}.")
+    if errors:
+        lines.append("")
+    return lines
+
+
+def stall_table(load: dict[str, dict[str, Any]]) -> list[str]:
+    rows = []
+    methods = list(next(iter(load.values())))
+    for method in methods:
+        cells = []
+        for mode in MODES:
+            row = load.get(mode, {}).get(method, {})
+            gap = row.get("worst_loop_gap_ms")
+            cells.append("—" if gap is None else f"{gap:.0f}")
+        if any(c != "—" for c in cells):
+            rows.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "| load | worst event-loop gap, warm (ms) | cold (ms) |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def plan_table(plan: dict[str, Any]) -> list[str]:
+    if not plan:
+        return []
+    lines = [
+        "| checkpoint | shards | read + parse headers (ms) | `streamload.plan` (ms) | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in plan.items():
+        lines.append(
+            f"| {name} | {row['shards']} | {row['headers_ms']:.1f} | {row['plan_ms']:.1f} "
+            f"| {row['plan_over_headers']:.2f}{TIMES} |"
+        )
+    return [*lines, ""]
+
+
+def _machine_line(machine: dict[str, Any]) -> str:
+    cpu, memory, storage = machine["cpu"], machine["memory"], machine["storage"]
+    device = storage.get("device", {})
+    kind = device.get("kind", "unknown device")
+    return (
+        f"{cpu['usable_cores']} cores ({cpu['model']}), {memory['total_gib']} GiB RAM, "
+        f"{storage['filesystem']} on {kind}, {machine['os']}; "
+        f"streamload {machine['versions'].get('streamload')} "
+        f"({machine.get('streamload_commit') or 'no commit'}), "
+        f"torch {machine['versions'].get('torch')}."
+    )
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The README's benchmark section, from ``summary.json``'s content."""
+    load = summary["load"]
+    checkpoint = summary["checkpoint"]
+    lines = [
+        f"Command: `{summary['command']}`. Machine: {_machine_line(summary['machine'])} "
+        f"Load average {summary['load_average']['before']} before, "
+        f"{summary['load_average']['after']} after.",
+        "",
+        f"**Load** — a {checkpoint['bytes'] / 1e9:.2f} GB Llama-shaped bf16 checkpoint "
+        f"({checkpoint['layers']} layers, {checkpoint['shards']} shards) onto the CPU, each "
+        f"method in its own process, methods alternating, median of {summary['rounds']} "
+        "rounds; ratios are medians of per-round ratios to `safetensors` (`load_file` + "
+        "`clone`) and `disk` (8 threads `pread` into reused buffers: the read limit). Warm: "
+        "the files are in the page cache; cold: evicted before each run. Extra host memory: "
+        "peak RSS beyond the process after imports and beyond the bytes placed (a simulated "
+        "GPU's memory is host memory and counts as placed); anon leaves out file pages a "
+        "loader maps.",
+        "",
+        *load_table(load),
+        "**Event loop** — worst gap between 1 ms heartbeats on the loop during a load:",
+        "",
+        *stall_table(load),
+    ]
+    plan = plan_table(summary.get("plan_time") or {})
+    if plan:
+        lines += [
+            "**Plan time** — sparse checkpoints (real headers, no data), simulated GPUs, "
+            "median of 15:",
+            "",
+            *plan,
+        ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Throughput per method, warm and cold, as a horizontal bar chart (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    load = summary["load"]
+    modes = [m for m in MODES if m in load]
+    methods = list(next(iter(load.values())))
+    colours = {"warm": "#d95f02", "cold": "#1b9e77"}
+    height = 0.8 / len(modes)
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(methods) + 1.8), dpi=150)
+    top = 0.0
+    for m_index, mode in enumerate(modes):
+        for index, method in enumerate(methods):
+            row = load[mode].get(method, {"error": "not run"})
+            y = index + (m_index - (len(modes) - 1) / 2) * height
+            if "error" in row:
+                ax.text(
+                    0.02,
+                    y,
+                    f"{mode}: not run ({row['error'][:60]})",
+                    va="center",
+                    fontsize=7,
+                    color="#555555",
+                    transform=ax.get_yaxis_transform(),
+                )
+                continue
+            mapped = bool(row.get("mapped"))
+            value = row["gb_per_s_touched"] if mapped else row["gb_per_s"]
+            top = max(top, value)
+            ax.barh(
+                y,
+                value,
+                height=height * 0.9,
+                color=colours[mode],
+                hatch="///" if mapped else None,
+                edgecolor="white" if mapped else None,
+            )
+            ratio = row.get("x_safetensors_touched" if mapped else "x_safetensors")
+            label = f"{value:.2f}" + (f"  ({ratio:.2f}{TIMES} safetensors)" if ratio else "")
+            ax.text(value, y, "  " + label, va="center", fontsize=7)
+    ax.set_yticks(range(len(methods)), [f"{m}" for m in methods], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, top * 1.45 if top else 1)
+    ax.set_xlabel("GB/s (checkpoint bytes / seconds of the load call; higher is better)")
+    checkpoint = summary["checkpoint"]
+    cpu, memory = summary["machine"]["cpu"], summary["machine"]["memory"]
+    device = summary["machine"]["storage"].get("device", {}).get("kind", "")
+    ax.set_title(
+        f"Loading a {checkpoint['bytes'] / 1e9:.3g} GB bf16 checkpoint to host memory — "
+        f"median of {summary['rounds']} rounds\n{cpu['usable_cores']} cores, "
+        f"{memory['total_gib']:.0f} GiB RAM, {summary['machine']['storage']['filesystem']} "
+        f"on {device}",
+        fontsize=9,
+    )
+    handles = [Patch(color=colours[m], label=m) for m in modes]
+    handles.append(
+        Patch(
+            facecolor="#999999",
+            hatch="///",
+            edgecolor="white",
+            label="memory-mapped: includes one read of every page",
+        )
+    )
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
