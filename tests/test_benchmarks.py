@@ -1,0 +1,91 @@
+"""Tests for ``benchmarks``: the runner on a tiny checkpoint (each method in its own process,
+the JSON, the table, the chart), and failures reported as reasons rather than dropped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import __main__ as runner
+from benchmarks import load_throughput, report
+from benchmarks.methods import METHODS, Loaded, Method
+
+# A peer from the dev extra (runai-model-streamer and fastsafetensors come with `bench`).
+SMOKE_METHODS = ("safetensors", "streamload-cpu", "streamload-mmap", "accelerate")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("bench") / "llama-20mb"
+    return load_throughput.ensure_checkpoint(directory, 0.02)
+
+
+def test_runner_reports_every_method_with_figures_or_a_reason(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    argv = ["--dir", str(checkpoint), "--size-gb", "0.02", "--rounds", "1"]
+    argv += ["--methods", ",".join(SMOKE_METHODS), "--modes", "warm", "--no-plan-time"]
+    argv += ["--results", str(tmp_path)]
+
+    assert 0 == runner.main(argv)
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = summary["load"]["warm"]
+    assert list(SMOKE_METHODS) == list(rows)
+    for method, row in rows.items():
+        assert "error" in row or row["gb_per_s"] > 0, method
+    assert rows["streamload-mmap"]["mapped"]
+    assert not rows["streamload-cpu"]["mapped"]
+    assert rows["streamload-cpu"]["placed_bytes"] == rows["streamload-cpu"]["bytes"]
+    assert "worst_loop_gap_ms" in rows["streamload-cpu"]
+    assert "x_safetensors" in rows["streamload-cpu"]
+    assert summary["machine"]["cpu"]["usable_cores"] >= 1
+    table = (tmp_path / "README_TABLE.md").read_text()
+    for method in SMOKE_METHODS:
+        assert f"| `{method}` |" in table
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+    assert (tmp_path / "load_warm.json").exists()
+
+
+def test_a_failing_load_in_the_child_is_a_reason_without_paths(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+
+    result = load_throughput.spawn("safetensors", tmp_path, timeout=60)
+
+    assert ["error"] == list(result)
+    assert str(tmp_path) not in result["error"]
+
+
+def test_a_raising_method_is_caught_in_the_child(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def fail(directory: Path) -> Loaded:
+        raise RuntimeError(f"cannot read {directory}")
+
+    monkeypatch.setitem(METHODS, "disk", Method(fail))
+
+    assert {"error": "RuntimeError: cannot read <checkpoint>"} == load_throughput.child(
+        "disk", tmp_path
+    )
+
+
+def test_summary_keeps_a_method_that_never_ran_with_its_reason() -> None:
+    ok: dict[str, Any] = {"gb_per_s": 2.0, "seconds": 1.0, "mapped_bytes": 0}
+    ok |= {"extra_host_bytes": 0, "extra_anon_bytes": 0}
+    runs = {
+        "safetensors": [{**ok, "gb_per_s": 1.0}, {**ok, "gb_per_s": 1.0}],
+        "streamload-cpu": [ok, {**ok, "gb_per_s": 3.0}],
+        "runai": [{"error": "ImportError: no runai"}, {"error": "ImportError: no runai"}],
+    }
+
+    summary = load_throughput.summarise(runs)
+
+    assert "ImportError: no runai" == summary["runai"]["error"]
+    assert 2.5 == summary["streamload-cpu"]["gb_per_s"]
+    assert 2.5 == summary["streamload-cpu"]["x_safetensors"]
+    table = report.load_table({"warm": summary})
+    assert any(line.startswith("| `runai` |") and "not run" in line for line in table)
+    assert "Not run: `runai` (warm): ImportError: no runai." in table
