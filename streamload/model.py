@@ -30,8 +30,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -726,35 +727,35 @@ def _tower_root(name: str) -> tuple[str, str | None] | None:
     return None
 
 
-def _indexed(names: Iterable[str]) -> dict[str, dict[str, int]]:
-    """``{container: {tensor: index}}`` for the names with an integer segment: the prefix before
-    the first one, and its value (``model.layers.3.mlp.up_proj.weight``: ``model.layers``, 3).
+def _indexed(names: Iterable[str]) -> dict[str, dict[int, list[str]]]:
+    """``{container: {index: [tensor, ...]}}`` for the names with an integer segment: the prefix
+    before the first one, and its value (``model.layers.3.mlp.up_proj.weight``:
+    ``model.layers``, 3); names in the order given.
 
     A name that starts with the last match's ``container.index.`` has that container and index
     (the text the pattern looks at is the same), so of each layer's tensors, which lie together
     in checkpoint order, only the first is matched.
     """
-    found: dict[str, dict[str, int]] = {}
-    members: dict[str, int] = {}
-    index = 0
+    found: dict[str, dict[int, list[str]]] = {}
+    members: list[str] = []
     run = ""  # "<container>.<index>." of the last match, if a dot followed its index
     for name in names:
         if run and name.startswith(run):
-            members[name] = index
+            members.append(name)
             continue
         match = _FIRST_INDEX.match(name)
         if match is None:
             continue
         container, digits = match.groups()
-        members = found.setdefault(container, {})
-        members[name] = index = int(digits)
+        members = found.setdefault(container, {}).setdefault(int(digits), [])
+        members.append(name)
         end = match.end()
         run = name[: end + 1] if name[end : end + 1] == "." else ""
     return found
 
 
 def _find_container(
-    indexed: Mapping[str, Mapping[str, int]],
+    indexed: Mapping[str, Mapping[int, list[str]]],
     tensors: Mapping[str, TensorEntry],
     layers: int,
     path: Path,
@@ -762,11 +763,9 @@ def _find_container(
 ) -> str:
     """The prefix before the first integer segment whose indices cover ``0..layers-1``."""
     wanted = set(range(layers))
-    covering = [name for name, members in indexed.items() if wanted.issubset(members.values())]
+    covering = [name for name, by_index in indexed.items() if wanted.issubset(by_index)]
     if not covering:
-        found = ", ".join(
-            f"{name} ({len(set(members.values()))} indices)" for name, members in indexed.items()
-        )
+        found = ", ".join(f"{name} ({len(by_index)} indices)" for name, by_index in indexed.items())
         raise ConfigError(
             path,
             f"{layers} layers, but no tensor container in the checkpoint holds layers "
@@ -777,7 +776,7 @@ def _find_container(
         return covering[0]
 
     def weight(container: str) -> int:
-        return sum(tensors[name].nbytes for name in indexed[container])
+        return sum(tensors[n].nbytes for names in indexed[container].values() for n in names)
 
     return max(covering, key=weight)  # first wins a tie (dict order)
 
@@ -853,7 +852,7 @@ def build_spec(
 
     grouping = _Grouping(
         container=container,
-        layer_of=_layer_indices(indexed[container], len(windows)),
+        layers=[indexed[container][i] for i in range(len(windows))],
         towers=towers,
         modality="audio"
         if "audio_config" in config and "vision_config" not in config
@@ -861,7 +860,7 @@ def build_spec(
         target_dtype=target_dtype,
         quantized=is_quantized(config),
     )
-    layer_groups, parts = grouping.run(checkpoint, skip=tied, layers=len(windows))
+    layer_groups, parts = grouping.run(checkpoint, skip=tied)
     layers = tuple(
         LayerSpec(
             index=i,
@@ -906,33 +905,25 @@ def _layers_field(text: _Fields) -> str:
     return text.prefix + used
 
 
-def _layer_indices(members: Mapping[str, int], layers: int) -> Mapping[str, int]:
-    """``{tensor: layer index}`` for the container's tensors with index below ``layers``."""
-    if max(members.values()) < layers:
-        return members  # no extra layers (MTP heads) to leave out
-    return {name: index for name, index in members.items() if index < layers}
-
-
 @dataclass(frozen=True, slots=True)
 class _Grouping:
     """Where each tensor goes: a layer, a tower part, or the part its path names."""
 
     container: str
-    layer_of: Mapping[str, int]
+    layers: Sequence[list[str]]  # the tensors of each layer
     towers: Mapping[str, tuple[str, str | None]]
     modality: str
     target_dtype: str | None
     quantized: bool
 
     def run(
-        self, checkpoint: Checkpoint, *, skip: Mapping[str, str], layers: int
+        self, checkpoint: Checkpoint, *, skip: Mapping[str, str]
     ) -> tuple[list[_Group], dict[str, _Group]]:
-        layer_groups = [_Group() for _ in range(layers)]
-        for name, index in self.layer_of.items():  # never tied: ties lie outside the container
-            layer_groups[index].tensors.append(name)
+        layer_groups = [_Group(names) for names in self.layers]  # never tied: ties lie outside
+        in_layers = set(chain.from_iterable(self.layers))
         container_path = self.container.split(".")
         parts: dict[str, _Group] = {}
-        rest = [n for n in checkpoint.tensors if n not in self.layer_of and n not in skip]
+        rest = [n for n in checkpoint.tensors if n not in in_layers and n not in skip]
         for name in rest:
             if name in self.towers:
                 root, sub_model = self.towers[name]

@@ -849,12 +849,12 @@ tensor_names = st.lists(
 )
 
 
-def matched_one_by_one(names: list[str]) -> dict[str, dict[str, int]]:
-    found: dict[str, dict[str, int]] = {}
+def matched_one_by_one(names: list[str]) -> dict[str, dict[int, list[str]]]:
+    found: dict[str, dict[int, list[str]]] = {}
     for name in names:
         match = _FIRST_INDEX.match(name)
         if match is not None:
-            found.setdefault(match[1], {})[name] = int(match[2])
+            found.setdefault(match[1], {}).setdefault(int(match[2]), []).append(name)
     return found
 
 
@@ -869,13 +869,14 @@ def test_indexed_agrees_with_matching_every_name(names: list[str]) -> None:
 
     assert expected == actual
     assert [list(m) for m in expected.values()] == [list(m) for m in actual.values()]
+    assert list(expected) == list(actual)
 
 
 def test_indexed_reuses_a_run_only_after_a_dot() -> None:
     """``layers.1`` at the end of a name starts no run: ``layers.10.w`` is index 10."""
     names = ["model.layers.1", "model.layers.10.w", "model.layers.10.b", "model.layers.1.w"]
 
-    expected = {"model.layers": dict(zip(names, [1, 10, 10, 1], strict=True))}
+    expected = {"model.layers": {1: [names[0], names[3]], 10: names[1:3]}}
 
     assert expected == _indexed(names)
 
