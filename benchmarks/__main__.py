@@ -40,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--dir", type=Path, default=ROOT / ".bench" / "llama-3gb")
     p.add_argument("--size-gb", type=float, default=3.0)
-    p.add_argument("--rounds", type=int, default=3)
+    # Five rounds: on a shared machine three medians still move by tens of percent.
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--modes", default="warm,cold", help="warm, cold or both")
     p.add_argument("--no-plan-time", action="store_true", help="skip the plan-time benchmark")
