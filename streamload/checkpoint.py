@@ -195,6 +195,8 @@ _PREFIX = struct.Struct("<Q")
 _U64_MAX = 2**64 - 1
 _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_DECODER = json.JSONDecoder()
+_JSON_SPACE = " \t\n\r"
 _FIRST_READ = 4096  # one page: the prefix and, for most shards, the whole header
 # (begin, end) relative to the data region, then name: the order tensors are checked in.
 _BY_SPAN = operator.attrgetter("offset", "nbytes", "name")
@@ -598,6 +600,12 @@ def _load_json(raw: bytes, path: Path, what: str) -> object:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CorruptHeaderError(path, f"{what} is not UTF-8 (bad byte at {exc.start})") from exc
+    try:
+        document, end = _DECODER.raw_decode(text)  # json.loads less its per-call checks
+        if end == len(text) or not text[end:].strip(_JSON_SPACE):
+            return document
+    except (ValueError, RecursionError):
+        pass  # not well-formed: json.loads below says how, as it would for any document
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

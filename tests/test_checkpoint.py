@@ -147,6 +147,31 @@ def test_parse_header_null_metadata_is_empty() -> None:
     assert {} == parse_header(blob, path=FUZZ_PATH, file_size=len(blob)).metadata
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["{}", "  {}", "{}   ", "{} \t\n\r", "\n{}\n", "{}\x0c", "{} x", "{}{}", "\ufeff{}", "", "  "],
+    ids=["plain", "leading-space", "padding", "json-space", "newlines", "form-feed",
+         "trailing-text", "two-objects", "bom", "empty", "only-space"],
+)  # fmt: skip
+def test_header_json_reads_as_json_loads_does(text: str) -> None:
+    """Whitespace around the object is accepted exactly where ``json.loads`` accepts it, and
+    anything else is refused with ``json.loads``'s own reason."""
+    blob = golden(text.encode())
+    try:
+        json.loads(text)
+        expected = None
+    except json.JSONDecodeError as exc:
+        expected = f"header is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+
+    try:
+        parse_header(blob, path=FUZZ_PATH, file_size=len(blob))
+        actual = None
+    except CorruptHeaderError as exc:
+        actual = exc.problem
+
+    assert expected == actual
+
+
 def test_read_shard_header_reads_file_and_resolves_path(tmp_path: Path) -> None:
     """Reading from disk gives the same entries as parsing, with the path resolved."""
     target = write(
