@@ -708,7 +708,7 @@ class _Group:
     """Tensors gathered under one name while grouping (mutable only inside ``build_spec``)."""
 
     tensors: list[str] = field(default_factory=list)
-    sizes: _Sizes = field(default_factory=_Sizes)
+    sizes: _Sizes = _Sizes()  # frozen: one shared zero until the group is sized
     sub_model: str | None = None
 
 
@@ -861,6 +861,7 @@ def build_spec(
         quantized=is_quantized(config),
     )
     layer_groups, parts = grouping.run(checkpoint, skip=tied)
+    kv_elems_per_token = facts.kv_elems_per_token
     layers = tuple(
         LayerSpec(
             index=i,
@@ -869,7 +870,7 @@ def build_spec(
             nbytes=group.sizes.nbytes,
             stored_bytes=group.sizes.stored,
             converted_bytes=group.sizes.converted,
-            kv_elems_per_token=facts.kv_elems_per_token,
+            kv_elems_per_token=kv_elems_per_token,
             sliding_window=windows[i],
         )
         for i, group in enumerate(layer_groups)
