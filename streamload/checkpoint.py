@@ -196,7 +196,7 @@ _U64_MAX = 2**64 - 1
 _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _DECODER = json.JSONDecoder()
-_JSON_SPACE = " \t\n\r"
+_JSON_SPACE = " \t\n\r"  # the whitespace JSON allows around a value
 _FIRST_READ = 4096  # one page: the prefix and, for most shards, the whole header
 # (begin, end) relative to the data region, then name: the order tensors are checked in.
 _BY_SPAN = operator.attrgetter("offset", "nbytes", "name")
@@ -605,7 +605,7 @@ def _load_json(raw: bytes, path: Path, what: str) -> object:
         if end == len(text) or not text[end:].strip(_JSON_SPACE):
             return document
     except (ValueError, RecursionError):
-        pass  # not well-formed: json.loads below says how, as it would for any document
+        pass  # leading space, a BOM, a broken document: json.loads below decides, as before
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
