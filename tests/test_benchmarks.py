@@ -74,7 +74,7 @@ def test_a_raising_method_is_caught_in_the_child(
 
 def test_summary_keeps_a_method_that_never_ran_with_its_reason() -> None:
     ok: dict[str, Any] = {"gb_per_s": 2.0, "seconds": 1.0, "mapped_bytes": 0}
-    ok |= {"extra_host_bytes": 0, "extra_anon_bytes": 0}
+    ok |= {"extra_host_bytes": 0, "extra_anon_bytes": 0, "user_s": 0.5, "sys_s": 0.5}
     runs = {
         "safetensors": [{**ok, "gb_per_s": 1.0}, {**ok, "gb_per_s": 1.0}],
         "streamload-cpu": [ok, {**ok, "gb_per_s": 3.0}],
