@@ -82,6 +82,22 @@ def load_table(load: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def sim_line(load: dict[str, dict[str, Any]]) -> list[str]:
+    """How much longer the simulated GPU's path takes than the CPU's, per mode."""
+    parts = [
+        f"{load[mode]['streamload-sim']['cpu_over_sim']:.2f}{TIMES} {mode}"
+        for mode in MODES
+        if "cpu_over_sim" in load.get(mode, {}).get("streamload-sim", {})
+    ]
+    if not parts:
+        return []
+    return [
+        "`streamload-sim` takes " + ", ".join(parts) + " the time of `streamload-cpu` "
+        "(median of per-round ratios).",
+        "",
+    ]
+
+
 def stall_table(load: dict[str, dict[str, Any]]) -> list[str]:
     rows = []
     for method in next(iter(load.values())):
@@ -150,6 +166,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "loader maps.",
         "",
         *load_table(load),
+        *sim_line(load),
         "**Event loop** — worst gap between 1 ms heartbeats on the loop during a load:",
         "",
         *stall_table(load),
