@@ -1053,6 +1053,7 @@ def configured_logging(json_logs: bool) -> Iterator[None]:
     saved = structlog.get_config()
     if json_logs:
         processors: list[Any] = [
+            structlog.contextvars.merge_contextvars,  # context bound by the caller (e.g. rank)
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.JSONRenderer(),

@@ -64,12 +64,12 @@ import socket
 import sys
 import threading
 from bisect import bisect_right
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn, TextIO, TypeAlias, TypeVar
+from typing import Any, TextIO, TypeAlias, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -1203,33 +1203,6 @@ def _devices(args: argparse.Namespace, local_rank: int) -> list[Any]:
     return devices
 
 
-@contextlib.contextmanager
-def _logging(json_logs: bool) -> Iterator[None]:
-    """JSON lines on stderr (with the rank), or nothing: the progress lines tell the story."""
-    if json_logs:
-        processors: list[Any] = [
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ]
-    else:
-        processors = [_drop]
-    structlog.configure(
-        processors=processors,
-        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
-        cache_logger_on_first_use=False,
-    )
-    try:
-        yield
-    finally:
-        structlog.reset_defaults()
-
-
-def _drop(logger: Any, method: str, event_dict: Any) -> NoReturn:
-    raise structlog.DropEvent
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``load PATH``: join the process group (from torchrun's environment), load this rank's
     stage, print a line per placed layer or part (prefixed with the rank) and, on rank 0, the
@@ -1254,7 +1227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = dist.get_rank()
     progress = None if args.json_logs else _Progress(rank, sys.stdout)
     try:
-        with _logging(args.json_logs):
+        from streamload.cli import configured_logging  # the CLI's logging, with the rank bound
+
+        with configured_logging(args.json_logs):
             model = anyio.run(_cli_load, args.path, params, progress, args.peer_timeout)
     except StreamloadError as exc:
         return _fail(rank, str(exc))
