@@ -214,28 +214,62 @@ class _Slot:
     fence: Fence | None = None
 
 
-class _StagingRing:
-    """Fixed host buffers reused in turn; a slot is refilled only after its copy's fence."""
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)  # pragma: no cover - platforms without affinity
 
-    def __init__(self, device: Device, slots: int, slot_bytes: int) -> None:
+
+def _ring_slots(params: LoadParams, cpus: int) -> int:
+    """How many ``chunk_bytes`` slots the staging ring gets.
+
+    A staged read is a copy by the CPU (page cache to the slot) and, on a simulated GPU,
+    another (slot to device memory). Slots beyond what the CPUs can keep busy only add host
+    memory that has to be faulted in and falls out of cache; one slot fewer than that leaves
+    the disk idle on a cold load. Measured on 2 CPUs with a 3 GB checkpoint to a simulated GPU
+    (medians of 4-6 loads in one process): warm 1.10 s with 16 slots, 1.01 s with 4, 0.95 s
+    with 3, 0.92 s with 2; cold 1.82 s with 8, 1.84 s with 4, 1.83 s with 3, 2.72 s with 2.
+    So: the usable CPUs + 1, at most ``staging_bytes // chunk_bytes`` (the budget), at most
+    ``reader_threads`` (no more reads run at once), and at least 2 (one slot fills while the
+    other's copy runs).
+    """
+    return max(2, min(params.staging_bytes // params.chunk_bytes, params.reader_threads, cpus + 1))
+
+
+class _StagingRing:
+    """Fixed host buffers reused in turn; a slot is refilled only after its copy's fence.
+
+    Free slots are handed out oldest-released first: on CUDA the copy out of the slot released
+    longest ago is the likeliest to have finished already.
+    """
+
+    def __init__(self, slots: list[_Slot], slot_bytes: int) -> None:
         self.slot_bytes = slot_bytes
-        self._send, self._receive = anyio.create_memory_object_stream[_Slot](slots)
-        self._slots: list[_Slot] = []
-        for _ in range(slots):
+        self._slots = list(slots)
+        self._free = deque(slots)
+        self._available = anyio.Semaphore(len(slots))
+
+    @staticmethod
+    def make_slots(device: Device, count: int, slot_bytes: int) -> list[_Slot]:
+        """``count`` host buffers from ``device`` (pinned on CUDA; blocking)."""
+        slots = []
+        for _ in range(count):
             buffer = device.host_buffer(slot_bytes)
-            slot = _Slot(buffer, _host_memory(buffer))
-            self._slots.append(slot)
-            self._send.send_nowait(slot)
+            slots.append(_Slot(buffer, _host_memory(buffer)))
+        return slots
 
     @property
     def nbytes(self) -> int:
         return self.slot_bytes * len(self._slots)
 
     async def acquire(self) -> _Slot:
-        return await self._receive.receive()
+        await self._available.acquire()
+        return self._free.popleft()
 
     def release(self, slot: _Slot) -> None:
-        self._send.send_nowait(slot)
+        self._free.append(slot)
+        self._available.release()
 
     def close(self) -> None:
         """Wait for outstanding copies (blocking) and drop the buffers."""
@@ -244,8 +278,7 @@ class _StagingRing:
                 slot.fence.wait()
             slot.view.release()
         self._slots.clear()
-        self._send.close()
-        self._receive.close()
+        self._free.clear()
 
 
 class _Files:
@@ -459,6 +492,7 @@ class _Load:
         self.device_stats: dict[str, _DeviceStats] = {}
         self.files: _Files | None = None
         self.ring: _StagingRing | None = None
+        self.ring_lock = anyio.Lock()
         self.limiter = anyio.CapacityLimiter(params.reader_threads)
         self.target = params.target_code
         self.scratch = 0
@@ -777,7 +811,7 @@ class _Load:
         if not flight.device.staged:
             await anyio.to_thread.run_sync(self._read_direct, files, chunk, limiter=self.limiter)
             return
-        ring = self._ring(flight.device)
+        ring = await self._ring(flight.device)
         slot = await ring.acquire()
         try:
             fence = await anyio.to_thread.run_sync(
@@ -787,11 +821,17 @@ class _Load:
         finally:
             ring.release(slot)
 
-    def _ring(self, device: Device) -> _StagingRing:
-        if self.ring is None:
-            params = self.params
-            slots = max(2, params.staging_bytes // params.chunk_bytes)
-            self.ring = _StagingRing(device, slots, params.chunk_bytes)
+    async def _ring(self, device: Device) -> _StagingRing:
+        """The load's staging ring, made on first use in a worker thread (pinning host memory
+        can take tens of milliseconds, too long for the event loop)."""
+        async with self.ring_lock:
+            if self.ring is None:
+                params = self.params
+                count = _ring_slots(params, _usable_cpus())
+                slots = await anyio.to_thread.run_sync(
+                    _StagingRing.make_slots, device, count, params.chunk_bytes
+                )
+                self.ring = _StagingRing(slots, params.chunk_bytes)
         return self.ring
 
     @staticmethod
@@ -818,6 +858,8 @@ class _Load:
         )
         fence: Fence | None = None
         for piece in chunk.pieces:
+            if piece.dst.device.type == "cpu":
+                _prefault(piece.dst)
             n = piece.dst.numel()
             fence = device.copy_from_host(piece.dst, slot.buffer[piece.at : piece.at + n])
         assert fence is not None

@@ -190,7 +190,9 @@ class LoadParams:
     ``host_reserve_bytes``.
 
     ``staging_bytes`` bounds host memory used to stage tensors for staged devices; it does not
-    grow with the model. ``reader_threads`` reads run at once; ``chunk_bytes`` is the read size.
+    grow with the model. The ring itself holds ``chunk_bytes`` slots for the usable CPUs + 1
+    (at least 2, at most ``reader_threads``) within that budget: 48 MiB on 2 CPUs, 128 MiB on
+    8 or more. ``reader_threads`` reads run at once; ``chunk_bytes`` is the read size.
     ``max_replans`` bounds live re-plans during one load.
     """
 

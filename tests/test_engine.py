@@ -13,6 +13,7 @@ import structlog.testing
 import torch
 
 import streamload
+from streamload import engine
 from streamload.events import (
     Event,
     LayerPlaced,
@@ -148,6 +149,34 @@ async def test_release_returns_simulated_memory(ckpt: Path) -> None:
         assert devices[0].allocated_bytes > 0
     assert {} == model.tensors
     assert [0, 0] == [devices[0].allocated_bytes, devices[1].allocated_bytes]
+
+
+@pytest.mark.parametrize(
+    ("budget_slots", "threads", "cpus", "expected"),
+    [
+        (16, 8, 2, 3),  # CPUs + 1
+        (16, 8, 64, 8),  # no more than the reads that run at once
+        (4, 8, 64, 4),  # no more than the budget
+        (16, 8, 1, 2),  # at least two: one fills while the other's copy runs
+        (1, 1, 1, 2),
+    ],
+)
+def test_staging_ring_slots(budget_slots: int, threads: int, cpus: int, expected: int) -> None:
+    chunk = 4096
+    p = params([], chunk_bytes=chunk, staging_bytes=budget_slots * chunk, reader_threads=threads)
+    assert expected == engine._ring_slots(p, cpus)
+
+
+async def test_staging_ring_is_sized_to_the_cpus_within_the_budget(ckpt: Path) -> None:
+    """The report names the ring's size: CPUs + 1 slots of ``chunk_bytes``, inside the staging
+    budget; a load with no staged device has no ring."""
+    p = params([sized_gpu("sim:0", ckpt, 10, primary=True)], staging_bytes=64 * 4096)
+    async with await streamload.load(ckpt, p) as model:
+        slots = engine._ring_slots(p, engine._usable_cpus())
+        assert slots * p.chunk_bytes == model.report.staging_bytes
+        assert model.report.staging_bytes <= p.staging_bytes
+    async with await streamload.load(ckpt, params(["cpu"])) as model:
+        assert 0 == model.report.staging_bytes
 
 
 def steal_after(layer: int, gpu: SimulatedGPU, events: list[Event], plan: Any) -> Any:
