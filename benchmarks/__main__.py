@@ -46,6 +46,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="warm,cold", help="warm, cold or both")
     p.add_argument("--no-plan-time", action="store_true", help="skip the plan-time benchmark")
     p.add_argument("--timeout", type=float, default=load_throughput.DEFAULT_TIMEOUT)
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=load_throughput.DEFAULT_SETTLE,
+        help="seconds each run waits after its imports, before the load (see load_throughput)",
+    )
     p.add_argument("--results", type=Path, default=RESULTS)
     return p
 
@@ -67,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     load: dict[str, Any] = {}
     for mode in args.modes.split(","):
         result = load_throughput.benchmark(
-            args.dir, methods, args.rounds, cold=mode == "cold", timeout=args.timeout
+            args.dir,
+            methods,
+            args.rounds,
+            cold=mode == "cold",
+            timeout=args.timeout,
+            settle=args.settle,
         )
         (results / f"load_{mode}.json").write_text(json.dumps(result, indent=2))
         load[mode] = result["methods"]
@@ -80,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": {"before": before, "after": machine.load_average()},
         "checkpoint": checkpoint_facts(args.dir),
         "rounds": args.rounds,
+        "settle_s": args.settle,
         "load": load,
         "plan_time": plan,
     }

@@ -9,7 +9,13 @@ round by round, and reports medians and ratios to the baselines of the same run
 (``safetensors`` and ``disk``; each ratio is the median of the per-round ratios).
 
 Warm runs read every file just before each run so the page cache holds it; ``--cold`` evicts
-the files (``posix_fadvise(DONTNEED)``) before each run instead.
+the files (``posix_fadvise(DONTNEED)``) before each run instead. Each child then waits
+``--settle`` seconds (default 5) after its imports, before the load: on a virtual machine whose
+guest reports free pages to the host, memory freed by the previous run comes back cheaply for a
+second or two and then costs a host fault per page on first touch. First touch of fresh pages is
+most of a warm load's cost, so without the wait a run's speed depends on how long its imports
+took and on what ran before it; with it every run starts from the same, settled state (the one
+a server process that starts up meets).
 
 Per run: ``seconds`` of the load call (after the libraries are imported), ``gb_per_s``
 (checkpoint tensor bytes / seconds), ``mapped_bytes`` (tensor bytes left memory-mapped from the
@@ -43,8 +49,9 @@ from benchmarks import procfs
 from benchmarks.methods import CHUNK, METHODS, shard_files
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINES = ("safetensors", "disk")
+BASELINES = ("safetensors", "disk", "materialise")
 DEFAULT_TIMEOUT = 900.0
+DEFAULT_SETTLE = 5.0
 
 # (hidden, intermediate, heads, kv heads, vocab): the 3 GB default keeps Llama-3.2-1B-like
 # widths; small checkpoints (tests) shrink them so a few layers fit.
@@ -139,12 +146,13 @@ def warm(directory: Path) -> None:
 # --- one run, in the child process -------------------------------------------------------
 
 
-def run_one(name: str, directory: Path) -> dict[str, Any]:
+def run_one(name: str, directory: Path, settle: float = 0.0) -> dict[str, Any]:
     """Run method ``name`` once in this process and measure it (see the module docstring)."""
     method = METHODS[name]
     # Import what the method needs first, so the baseline includes the libraries.
     for module in ("torch", *method.imports):
         importlib.import_module(module)
+    time.sleep(settle)
     base_rss = procfs.rss_bytes()
     base_file = procfs.status_bytes("RssFile")
     with procfs.AnonPeak() as anon:
@@ -181,10 +189,10 @@ def run_one(name: str, directory: Path) -> dict[str, Any]:
     return result
 
 
-def child(name: str, directory: Path) -> dict[str, Any]:
+def child(name: str, directory: Path, settle: float = 0.0) -> dict[str, Any]:
     """``run_one``, with a failure reported as ``{"error": reason}`` (paths left out)."""
     try:
-        return run_one(name, directory)
+        return run_one(name, directory, settle)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         for path in {str(directory.resolve()), str(directory)}:
@@ -196,11 +204,11 @@ def child(name: str, directory: Path) -> dict[str, Any]:
 # --- the driver ----------------------------------------------------------------------------
 
 
-def spawn(name: str, directory: Path, timeout: float) -> dict[str, Any]:
+def spawn(name: str, directory: Path, timeout: float, settle: float = 0.0) -> dict[str, Any]:
     """Run one method in a fresh process; a crash or a timeout is an error, not an exception."""
     env = dict(os.environ, **dict(METHODS[name].env)) if name in METHODS else dict(os.environ)
     command = [sys.executable, "-m", "benchmarks.load_throughput", "--child", name]
-    command += ["--dir", str(directory.resolve())]
+    command += ["--dir", str(directory.resolve()), "--settle", str(settle)]
     try:
         out = subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
@@ -228,6 +236,7 @@ def measure(
     rounds: int,
     cold: bool,
     timeout: float = DEFAULT_TIMEOUT,
+    settle: float = 0.0,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every method once per round, in alternating order; the raw per-run results."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
@@ -238,7 +247,7 @@ def measure(
                 evict(directory)
             else:
                 warm(directory)
-            runs[name].append(spawn(name, directory, timeout))
+            runs[name].append(spawn(name, directory, timeout + settle, settle))
     return runs
 
 
@@ -253,7 +262,7 @@ def _paired_ratio(
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Per method: medians of every figure over the rounds it ran, ratios to the baselines
-    (``x_safetensors``, ``x_disk``), or ``error`` when no round ran."""
+    (``x_safetensors``, ``x_disk``, ``x_materialise``), or ``error`` when no round ran."""
     summary: dict[str, dict[str, Any]] = {}
     for name, results in runs.items():
         ok = [r for r in results if "error" not in r]
@@ -290,12 +299,14 @@ def benchmark(
     rounds: int,
     cold: bool,
     timeout: float = DEFAULT_TIMEOUT,
+    settle: float = 0.0,
 ) -> dict[str, Any]:
     """Measure and summarise; the result as written to JSON."""
-    runs = measure(directory, methods, rounds, cold, timeout)
+    runs = measure(directory, methods, rounds, cold, timeout, settle)
     return {
         "cold": cold,
         "rounds": rounds,
+        "settle_s": settle,
         "checkpoint_bytes": sum(p.stat().st_size for p in shard_files(directory)),
         "methods": summarise(runs),
         "runs": runs,
@@ -320,6 +331,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cold", action="store_true")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per run")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=DEFAULT_SETTLE,
+        help="seconds each run waits after its imports, before the load",
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
     p.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
@@ -329,7 +346,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.dir)))
+        print(json.dumps(child(args.child, args.dir, args.settle)))
         return 0
     if args.write_only:
         ensure_checkpoint(args.dir, args.size_gb)
@@ -339,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods: {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    result = benchmark(args.dir, methods, args.rounds, args.cold, args.timeout)
+    result = benchmark(args.dir, methods, args.rounds, args.cold, args.timeout, args.settle)
     print(json.dumps(result["methods"], indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

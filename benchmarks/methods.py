@@ -2,6 +2,10 @@
 what it loaded; the harness measures memory and mappings around it.
 
 - ``disk``: 8 threads ``pread`` 16 MiB chunks into reused buffers (the read limit);
+- ``materialise``: 8 threads ``pread`` 16 MiB chunks straight into a fresh tensor per checkpoint
+  tensor, each chunk's pages faulted in (``madvise(MADV_POPULATE_WRITE)``) just before its read:
+  no parsing, no events, no planning, the least any load that materialises every tensor in
+  process memory must do (fresh pages zero-filled, one copy), and so its floor;
 - ``safetensors``: ``safetensors.torch.load_file`` per shard + ``clone()`` of every tensor
   (``load_file`` maps the file; the clone materialises every byte in process memory);
 - ``streamload-cpu``, ``streamload-mmap``: ``streamload.load`` to the CPU under
@@ -20,6 +24,7 @@ what it loaded; the harness measures memory and mappings around it.
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import json
 import os
@@ -90,6 +95,57 @@ def run_disk(directory: Path) -> Loaded:
     for t in threads:
         t.join()
     return Loaded(time.perf_counter() - start, total, [])
+
+
+_MADV_POPULATE_WRITE = 23
+
+
+def run_materialise(directory: Path) -> Loaded:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = time.perf_counter()
+    kept: list[torch.Tensor] = []
+    jobs: list[tuple[Path, int, int, int]] = []  # file, file offset, address, length
+    for path in shard_files(directory):
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        for entry in header.values():
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(end - begin, dtype=torch.uint8)
+            kept.append(tensor)
+            for off in range(0, end - begin, CHUNK):
+                size = min(CHUNK, end - begin - off)
+                jobs.append((path, 8 + length + begin + off, tensor.data_ptr() + off, size))
+    jobs.reverse()
+    lock = threading.Lock()
+    total = 0
+
+    def worker() -> None:
+        nonlocal total
+        fds: dict[Path, int] = {}
+        got = 0
+        while True:
+            with lock:
+                if not jobs:
+                    break
+                path, off, address, size = jobs.pop()
+            fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
+            aligned = address & ~4095
+            libc.madvise(aligned, address + size - aligned, _MADV_POPULATE_WRITE)
+            got += os.preadv(fd, [(ctypes.c_char * size).from_address(address)], off)
+        for fd in fds.values():
+            os.close(fd)
+        with lock:
+            total += got
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return Loaded(time.perf_counter() - start, total, kept)
 
 
 def run_safetensors(directory: Path) -> Loaded:
@@ -239,6 +295,9 @@ _HF = ("transformers", "transformers.models.llama.modeling_llama", "accelerate")
 
 METHODS: dict[str, Method] = {
     "disk": Method(run_disk, note="8 threads pread 16 MiB chunks into reused buffers"),
+    "materialise": Method(
+        run_materialise, note="8 threads pread 16 MiB chunks into fresh, pre-faulted tensors"
+    ),
     "safetensors": Method(
         run_safetensors, ("safetensors.torch",), note="load_file per shard + clone()"
     ),

@@ -45,9 +45,10 @@ def load_table(load: dict[str, dict[str, Any]]) -> list[str]:
     modes = [m for m in MODES if m in load]
     in_memory, mapped_methods = groups(load)
     methods = in_memory + mapped_methods
+    bases = [b for b in ("safetensors", "disk", "materialise") if b in methods]
     head = ["method", "how", "tensors"]
     for mode in modes:
-        head += [f"{mode} GB/s", f"{TIMES} safetensors", f"{TIMES} disk"]
+        head += [f"{mode} GB/s", *(f"{TIMES} {b}" for b in bases)]
     head += [f"{modes[0]} CPU s", "extra host MiB (RSS / anon)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     errors = []
@@ -56,7 +57,7 @@ def load_table(load: dict[str, dict[str, Any]]) -> list[str]:
         cells = [f"`{method}`", first.get("note", ""), _kind(first)]
         for mode in modes:
             row = load[mode].get(method, {"error": "not run"})
-            cells += [_rate(row), _ratio(method, row, "safetensors"), _ratio(method, row, "disk")]
+            cells += [_rate(row), *(_ratio(method, row, b) for b in bases)]
             if "error" in row:
                 errors.append(f"`{method}` ({mode}): {row['error']}")
         cells.append("—" if "error" in first else f"{first['user_s'] + first['sys_s']:.2f}")
@@ -159,7 +160,11 @@ def markdown(summary: dict[str, Any]) -> str:
         f"({checkpoint['layers']} layers, {checkpoint['shards']} shards) onto the CPU, each "
         f"method in its own process, methods alternating, median of {summary['rounds']} "
         "rounds; ratios are medians of per-round ratios to `safetensors` (`load_file` + "
-        "`clone`) and `disk` (8 threads `pread` into reused buffers: the read limit). Warm: "
+        "`clone`), `disk` (8 threads `pread` into reused buffers: the read limit) and "
+        "`materialise` (8 threads `pread` straight into fresh, pre-faulted tensors: the floor "
+        "of any load into process memory). Each run waits "
+        f"{summary.get('settle_s', 0):g} s after its imports so every load meets memory in the "
+        "same state. Warm: "
         "the files are in the page cache; cold: evicted before each run. Extra host memory: "
         "peak RSS beyond the process after imports and beyond the bytes placed (a simulated "
         "GPU's memory is host memory and counts as placed); anon leaves out file pages a "

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from benchmarks import __main__ as runner
 from benchmarks import load_throughput, report
 from benchmarks.methods import METHODS, Loaded, Method
 
 # A peer from the dev extra (runai-model-streamer and fastsafetensors come with `bench`).
-SMOKE_METHODS = ("safetensors", "streamload-cpu", "streamload-mmap", "accelerate")
+SMOKE_METHODS = ("safetensors", "materialise", "streamload-cpu", "streamload-mmap", "accelerate")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_runner_reports_every_method_with_figures_or_a_reason(
 ) -> None:
     argv = ["--dir", str(checkpoint), "--size-gb", "0.02", "--rounds", "1"]
     argv += ["--methods", ",".join(SMOKE_METHODS), "--modes", "warm", "--no-plan-time"]
-    argv += ["--results", str(tmp_path)]
+    argv += ["--results", str(tmp_path), "--settle", "0"]
 
     assert 0 == runner.main(argv)
 
@@ -89,3 +90,21 @@ def test_summary_keeps_a_method_that_never_ran_with_its_reason() -> None:
     table = report.load_table({"warm": summary})
     assert any(line.startswith("| `runai` |") and "not run" in line for line in table)
     assert "Not run: `runai` (warm): ImportError: no runai." in table
+
+
+def test_the_materialise_floor_holds_every_tensor_bit_identical(checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    from benchmarks.methods import run_materialise, shard_files
+
+    loaded = run_materialise(checkpoint)
+
+    expected = [
+        t.contiguous().view(-1).view(torch.uint8)
+        for path in shard_files(checkpoint)
+        for t in load_file(path).values()
+    ]
+    assert sum(t.nbytes for t in expected) == loaded.bytes_read
+    assert len(expected) == len(loaded.tensors)
+    for want, got in zip(expected, loaded.tensors, strict=True):
+        assert torch.equal(want, got)
