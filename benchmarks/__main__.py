@@ -50,7 +50,13 @@ def parser() -> argparse.ArgumentParser:
         "--settle",
         type=float,
         default=load_throughput.DEFAULT_SETTLE,
-        help="seconds each run waits after its imports, before the load (see load_throughput)",
+        help="seconds each run waits after priming, before the load (see load_throughput)",
+    )
+    p.add_argument(
+        "--no-prime",
+        dest="prime",
+        action="store_false",
+        help="do not prime memory before each load (see load_throughput)",
     )
     p.add_argument("--results", type=Path, default=RESULTS)
     return p
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             cold=mode == "cold",
             timeout=args.timeout,
             settle=args.settle,
+            prime=args.prime,
         )
         (results / f"load_{mode}.json").write_text(json.dumps(result, indent=2))
         load[mode] = result["methods"]
@@ -92,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": checkpoint_facts(args.dir),
         "rounds": args.rounds,
         "settle_s": args.settle,
+        "primed": args.prime,
         "load": load,
         "plan_time": plan,
     }

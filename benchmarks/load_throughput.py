@@ -9,13 +9,15 @@ round by round, and reports medians and ratios to the baselines of the same run
 (``safetensors`` and ``disk``; each ratio is the median of the per-round ratios).
 
 Warm runs read every file just before each run so the page cache holds it; ``--cold`` evicts
-the files (``posix_fadvise(DONTNEED)``) before each run instead. Each child then waits
-``--settle`` seconds (default 5) after its imports, before the load: on a virtual machine whose
-guest reports free pages to the host, memory freed by the previous run comes back cheaply for a
-second or two and then costs a host fault per page on first touch. First touch of fresh pages is
-most of a warm load's cost, so without the wait a run's speed depends on how long its imports
-took and on what ran before it; with it every run starts from the same, settled state (the one
-a server process that starts up meets).
+the files (``posix_fadvise(DONTNEED)``) before each run instead. Each child then primes memory
+after its imports, just before the load (``procfs.prime``: faults in the checkpoint's size +
+1 GiB of fresh memory and gives it back; ``--no-prime`` leaves it out). On a virtual machine
+whose guest reports free pages to the host, a page untouched for a while costs a host fault on
+first touch, several times the cost of zeroing it, and first touch of fresh pages is most of a
+warm load's cost: without priming, a run's speed depends on what ran before it and how long ago
+(2x apart on the shared 2-core machine these figures come from). Primed, every load meets the
+memory a bare-metal host or a GPU virtual machine (memory pinned for passthrough) always has.
+``--settle S`` waits S seconds after priming (default 0).
 
 Per run: ``seconds`` of the load call (after the libraries are imported), ``gb_per_s``
 (checkpoint tensor bytes / seconds), ``mapped_bytes`` (tensor bytes left memory-mapped from the
@@ -51,7 +53,8 @@ from benchmarks.methods import CHUNK, METHODS, shard_files
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("safetensors", "disk", "materialise")
 DEFAULT_TIMEOUT = 900.0
-DEFAULT_SETTLE = 5.0
+DEFAULT_SETTLE = 0.0
+PRIME_EXTRA = 2**30
 
 # (hidden, intermediate, heads, kv heads, vocab): the 3 GB default keeps Llama-3.2-1B-like
 # widths; small checkpoints (tests) shrink them so a few layers fit.
@@ -124,6 +127,10 @@ def ensure_checkpoint(directory: Path, size_gb: float) -> Path:
     return directory
 
 
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in shard_files(directory))
+
+
 def evict(directory: Path) -> None:
     """Drop the checkpoint's pages from the page cache."""
     for path in shard_files(directory):
@@ -146,13 +153,17 @@ def warm(directory: Path) -> None:
 # --- one run, in the child process -------------------------------------------------------
 
 
-def run_one(name: str, directory: Path, settle: float = 0.0) -> dict[str, Any]:
+def run_one(
+    name: str, directory: Path, settle: float = 0.0, prime_bytes: int = 0
+) -> dict[str, Any]:
     """Run method ``name`` once in this process and measure it (see the module docstring)."""
     method = METHODS[name]
     # Import what the method needs first, so the baseline includes the libraries.
     for module in ("torch", *method.imports):
         importlib.import_module(module)
+    procfs.prime(prime_bytes)
     time.sleep(settle)
+    procfs.reset_peak_rss()
     base_rss = procfs.rss_bytes()
     base_file = procfs.status_bytes("RssFile")
     with procfs.AnonPeak() as anon:
@@ -189,10 +200,10 @@ def run_one(name: str, directory: Path, settle: float = 0.0) -> dict[str, Any]:
     return result
 
 
-def child(name: str, directory: Path, settle: float = 0.0) -> dict[str, Any]:
+def child(name: str, directory: Path, settle: float = 0.0, prime_bytes: int = 0) -> dict[str, Any]:
     """``run_one``, with a failure reported as ``{"error": reason}`` (paths left out)."""
     try:
-        return run_one(name, directory, settle)
+        return run_one(name, directory, settle, prime_bytes)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         for path in {str(directory.resolve()), str(directory)}:
@@ -204,11 +215,14 @@ def child(name: str, directory: Path, settle: float = 0.0) -> dict[str, Any]:
 # --- the driver ----------------------------------------------------------------------------
 
 
-def spawn(name: str, directory: Path, timeout: float, settle: float = 0.0) -> dict[str, Any]:
+def spawn(
+    name: str, directory: Path, timeout: float, settle: float = 0.0, prime_bytes: int = 0
+) -> dict[str, Any]:
     """Run one method in a fresh process; a crash or a timeout is an error, not an exception."""
     env = dict(os.environ, **dict(METHODS[name].env)) if name in METHODS else dict(os.environ)
     command = [sys.executable, "-m", "benchmarks.load_throughput", "--child", name]
     command += ["--dir", str(directory.resolve()), "--settle", str(settle)]
+    command += ["--prime-bytes", str(prime_bytes)]
     try:
         out = subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
@@ -237,9 +251,11 @@ def measure(
     cold: bool,
     timeout: float = DEFAULT_TIMEOUT,
     settle: float = 0.0,
+    prime: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every method once per round, in alternating order; the raw per-run results."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    prime_bytes = 2 * checkpoint_bytes(directory) + PRIME_EXTRA if prime else 0
     for r in range(rounds):
         order = methods if r % 2 == 0 else list(reversed(methods))
         for name in order:
@@ -247,7 +263,7 @@ def measure(
                 evict(directory)
             else:
                 warm(directory)
-            runs[name].append(spawn(name, directory, timeout + settle, settle))
+            runs[name].append(spawn(name, directory, timeout + settle, settle, prime_bytes))
     return runs
 
 
@@ -300,14 +316,16 @@ def benchmark(
     cold: bool,
     timeout: float = DEFAULT_TIMEOUT,
     settle: float = 0.0,
+    prime: bool = False,
 ) -> dict[str, Any]:
     """Measure and summarise; the result as written to JSON."""
-    runs = measure(directory, methods, rounds, cold, timeout, settle)
+    runs = measure(directory, methods, rounds, cold, timeout, settle, prime)
     return {
         "cold": cold,
         "rounds": rounds,
         "settle_s": settle,
-        "checkpoint_bytes": sum(p.stat().st_size for p in shard_files(directory)),
+        "primed": prime,
+        "checkpoint_bytes": checkpoint_bytes(directory),
         "methods": summarise(runs),
         "runs": runs,
     }
@@ -335,8 +353,15 @@ def parser() -> argparse.ArgumentParser:
         "--settle",
         type=float,
         default=DEFAULT_SETTLE,
-        help="seconds each run waits after its imports, before the load",
+        help="seconds each run waits after priming, before the load",
     )
+    p.add_argument(
+        "--no-prime",
+        dest="prime",
+        action="store_false",
+        help="do not prime memory before each load (see the module docstring)",
+    )
+    p.add_argument("--prime-bytes", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path)
     p.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
     p.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
@@ -346,7 +371,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.dir, args.settle)))
+        print(json.dumps(child(args.child, args.dir, args.settle, args.prime_bytes)))
         return 0
     if args.write_only:
         ensure_checkpoint(args.dir, args.size_gb)
@@ -356,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods: {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    result = benchmark(args.dir, methods, args.rounds, args.cold, args.timeout, args.settle)
+    result = benchmark(
+        args.dir, methods, args.rounds, args.cold, args.timeout, args.settle, args.prime
+    )
     print(json.dumps(result["methods"], indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,45 @@ def peak_rss_bytes() -> int:
     return status_bytes("VmHWM")
 
 
+def reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current RSS (``/proc/self/clear_refs``, Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+_MADV_POPULATE_WRITE = 23
+
+
+def prime(nbytes: int) -> None:
+    """Fault in ``nbytes`` of fresh anonymous memory, then give it back.
+
+    On a virtual machine whose guest reports free pages to the host (virtio-balloon free page
+    reporting), a page the guest has not touched for a while costs a host fault on its first
+    touch, several times the cost of zeroing it; how much of the guest's free memory is in that
+    state depends on what ran before and how long ago. Priming just before a load hands the
+    load pages that are backed again, the state a bare-metal host, or a GPU virtual machine
+    (its memory is pinned for device passthrough) is always in, so every run meets the same.
+    """
+    if nbytes <= 0:
+        return
+    import ctypes
+    import mmap
+
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        view = (ctypes.c_char * nbytes).from_buffer(area)
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            if libc.madvise(ctypes.addressof(view), nbytes, _MADV_POPULATE_WRITE) != 0:
+                for offset in range(0, nbytes, PAGE):  # kernels before 5.14
+                    area[offset] = 1
+        finally:
+            del view
+    finally:
+        area.close()
+
+
 class AnonPeak:
     """Samples ``RssAnon`` every ``interval`` seconds on a thread; ``peak`` is the largest seen.
 

@@ -162,9 +162,15 @@ def markdown(summary: dict[str, Any]) -> str:
         "rounds; ratios are medians of per-round ratios to `safetensors` (`load_file` + "
         "`clone`), `disk` (8 threads `pread` into reused buffers: the read limit) and "
         "`materialise` (8 threads `pread` straight into fresh, pre-faulted tensors: the floor "
-        "of any load into process memory). Each run waits "
-        f"{summary.get('settle_s', 0):g} s after its imports so every load meets memory in the "
-        "same state. Warm: "
+        "of any load into process memory). "
+        + (
+            "Each run primes memory just before its load (faults in and frees the "
+            "checkpoint's size + 1 GiB), so every load meets memory backed by the host, as on "
+            "bare metal. "
+            if summary.get("primed")
+            else ""
+        )
+        + "Warm: "
         "the files are in the page cache; cold: evicted before each run. Extra host memory: "
         "peak RSS beyond the process after imports and beyond the bytes placed (a simulated "
         "GPU's memory is host memory and counts as placed); anon leaves out file pages a "

@@ -108,3 +108,16 @@ def test_the_materialise_floor_holds_every_tensor_bit_identical(checkpoint: Path
     assert len(expected) == len(loaded.tensors)
     for want, got in zip(expected, loaded.tensors, strict=True):
         assert torch.equal(want, got)
+
+
+def test_priming_gives_the_memory_back_and_the_peak_is_reset() -> None:
+    from benchmarks import procfs
+
+    before = procfs.rss_bytes()
+    procfs.prime(256 * 2**20)
+    assert procfs.peak_rss_bytes() >= before + 240 * 2**20  # every page was faulted in
+    assert procfs.rss_bytes() < before + 64 * 2**20
+
+    procfs.reset_peak_rss()
+
+    assert procfs.peak_rss_bytes() < before + 64 * 2**20
