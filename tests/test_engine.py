@@ -516,3 +516,55 @@ async def test_layer_seconds_exclude_waiting_for_the_callback(ckpt: Path) -> Non
         ckpt, params([SimulatedGPU("sim:0", total_bytes=2**30)]), on_event=on_event
     )
     assert max(e.seconds for e in placed) < 0.15
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The ``VmFlags`` of the mapping of this process that holds ``address``."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux /proc")
+def test_large_fresh_host_tensors_are_advised_huge_pages_whole() -> None:
+    big = torch.empty(32 * 2**20, dtype=torch.uint8)
+    small = torch.empty(2**20, dtype=torch.uint8)
+
+    engine._advise_huge_pages(big)
+    engine._advise_huge_pages(small)
+
+    start = big.untyped_storage().data_ptr()
+    assert "hg" in _vm_flags(start)
+    assert "hg" in _vm_flags(start + big.nbytes - 1)  # the whole storage, one mapping
+    assert "hg" not in _vm_flags(small.untyped_storage().data_ptr())
+    big.fill_(7)
+    assert int(big.sum()) == 7 * big.numel()
+
+
+async def test_huge_pages_off_leaves_host_tensors_alone(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    advised: list[int] = []
+    monkeypatch.setattr(engine, "_HUGE_MIN_BYTES", 0)
+    real = engine._advise_huge_pages
+
+    def advise(tensor: torch.Tensor) -> None:
+        advised.append(tensor.nbytes)
+        real(tensor)
+
+    monkeypatch.setattr(engine, "_advise_huge_pages", advise)
+
+    async with await streamload.load(ckpt, params(["cpu"], huge_pages=False)) as model:
+        assert_identical(model.tensors, reference(ckpt), None)
+    assert [] == advised
+
+    async with await streamload.load(ckpt, params(["cpu"])) as model:
+        assert_identical(model.tensors, reference(ckpt), None)
+    assert sum(advised) == sum(t.nbytes for t in reference(ckpt).values())
