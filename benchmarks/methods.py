@@ -10,6 +10,8 @@ what it loaded; the harness measures memory and mappings around it.
   (``load_file`` maps the file; the clone materialises every byte in process memory);
 - ``streamload-cpu``, ``streamload-mmap``: ``streamload.load`` to the CPU under
   ``cpu_policy="copy"`` and ``"mmap"``;
+- ``streamload-cpu-huge``: ``streamload-cpu`` with ``huge_pages=True`` (transparent huge pages
+  for destinations of 32 MiB or more);
 - ``streamload-sim``: to a staged ``SimulatedGPU`` (the CUDA path's staging ring and copies,
   with a host ``copy_`` as the copy primitive);
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(path, device_map="cpu")``;
@@ -161,7 +163,9 @@ def run_safetensors(directory: Path) -> Loaded:
     return Loaded(seconds, sum(t.nbytes for t in kept), kept)
 
 
-def run_streamload(directory: Path, target: str, policy: Literal["copy", "mmap"]) -> Loaded:
+def run_streamload(
+    directory: Path, target: str, policy: Literal["copy", "mmap"], huge_pages: bool = False
+) -> Loaded:
     import anyio
 
     import streamload
@@ -171,7 +175,11 @@ def run_streamload(directory: Path, target: str, policy: Literal["copy", "mmap"]
         [SimulatedGPU("sim:0", total_bytes=64 * 2**30)] if target == "sim" else ["cpu"]
     )
     params = streamload.LoadParams(
-        devices=devices, cpu_policy=policy, reserve_min_bytes=0, max_seq_len=256
+        devices=devices,
+        cpu_policy=policy,
+        reserve_min_bytes=0,
+        max_seq_len=256,
+        huge_pages=huge_pages,
     )
     worst, worst_at = 0.0, 0.0
 
@@ -303,6 +311,11 @@ METHODS: dict[str, Method] = {
     ),
     "streamload-cpu": Method(
         lambda d: run_streamload(d, "cpu", "copy"), _STREAMLOAD, note='cpu_policy="copy"'
+    ),
+    "streamload-cpu-huge": Method(
+        lambda d: run_streamload(d, "cpu", "copy", huge_pages=True),
+        _STREAMLOAD,
+        note='cpu_policy="copy", huge_pages=True',
     ),
     "streamload-mmap": Method(
         lambda d: run_streamload(d, "cpu", "mmap"), _STREAMLOAD, note='cpu_policy="mmap"'

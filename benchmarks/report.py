@@ -164,7 +164,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "`materialise` (8 threads `pread` straight into fresh, pre-faulted tensors: the floor "
         "of any load into process memory). "
         + (
-            "Each run primes memory just before its load (faults in and frees the "
+            "Each run primes memory just before its load (faults in and frees twice the "
             "checkpoint's size + 1 GiB), so every load meets memory backed by the host, as on "
             "bare metal. "
             if summary.get("primed")

@@ -195,13 +195,13 @@ class LoadParams:
     8 or more. ``reader_threads`` reads run at once; ``chunk_bytes`` is the read size.
     ``max_replans`` bounds live re-plans during one load.
 
-    ``huge_pages`` asks the kernel for transparent huge pages for host destinations of at least
-    32 MiB (CPU tensors under ``cpu_policy="copy"``, a simulated GPU's memory) before they are
-    filled: ~500x fewer page faults, 1.5-2x faster warm loads to the CPU where host memory is
-    backed (bare metal, GPU VMs). Set it to False where huge pages cost more than they save: a
-    host whose free memory is too fragmented to hand out 2 MiB pages (with THP ``defrag`` set to
-    ``madvise``, advised allocations compact memory first), or a VM whose host faults in each
-    page of guest memory on first touch (there huge pages measured ~1.4x slower).
+    ``huge_pages`` (off by default) asks the kernel for transparent huge pages for host
+    destinations of at least 32 MiB (CPU tensors under ``cpu_policy="copy"``, a simulated GPU's
+    memory) before they are filled: ~500x fewer page faults. Measured on a 3 GB checkpoint, it
+    made warm loads (files in the page cache) to the CPU ~1.3x faster but cold loads ~1.5x
+    slower, and unprimed VM memory (a host that faults in guest pages on first touch) ~1.4x
+    slower; with THP ``defrag`` at ``madvise``, advised allocations may also compact memory
+    first. Turn it on for repeated loads of a cached checkpoint on bare metal or a GPU VM.
     """
 
     devices: Literal["auto"] | Sequence[str | Device] = field(default_factory=_default_devices)
@@ -220,7 +220,7 @@ class LoadParams:
     chunk_bytes: int = 16 * MiB
     reader_threads: int = 8
     max_replans: int = 8
-    huge_pages: bool = True
+    huge_pages: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))

@@ -548,7 +548,7 @@ def test_large_fresh_host_tensors_are_advised_huge_pages_whole() -> None:
     assert int(big.sum()) == 7 * big.numel()
 
 
-async def test_huge_pages_off_leaves_host_tensors_alone(
+async def test_huge_pages_advise_every_host_destination_only_when_asked(
     ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     advised: list[int] = []
@@ -565,6 +565,6 @@ async def test_huge_pages_off_leaves_host_tensors_alone(
         assert_identical(model.tensors, reference(ckpt), None)
     assert [] == advised
 
-    async with await streamload.load(ckpt, params(["cpu"])) as model:
+    async with await streamload.load(ckpt, params(["cpu"], huge_pages=True)) as model:
         assert_identical(model.tensors, reference(ckpt), None)
     assert sum(advised) == sum(t.nbytes for t in reference(ckpt).values())
