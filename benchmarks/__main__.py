@@ -47,12 +47,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plan-time", action="store_true", help="skip the plan-time benchmark")
     p.add_argument("--timeout", type=float, default=load_throughput.DEFAULT_TIMEOUT)
     p.add_argument(
-        "--settle",
-        type=float,
-        default=load_throughput.DEFAULT_SETTLE,
-        help="seconds each run waits after priming, before the load (see load_throughput)",
-    )
-    p.add_argument(
         "--no-prime",
         dest="prime",
         action="store_false",
@@ -84,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
             args.rounds,
             cold=mode == "cold",
             timeout=args.timeout,
-            settle=args.settle,
             prime=args.prime,
         )
         (results / f"load_{mode}.json").write_text(json.dumps(result, indent=2))
@@ -98,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": {"before": before, "after": machine.load_average()},
         "checkpoint": checkpoint_facts(args.dir),
         "rounds": args.rounds,
-        "settle_s": args.settle,
         "primed": args.prime,
         "load": load,
         "plan_time": plan,

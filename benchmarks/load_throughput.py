@@ -10,14 +10,13 @@ round by round, and reports medians and ratios to the baselines of the same run
 
 Warm runs read every file just before each run so the page cache holds it; ``--cold`` evicts
 the files (``posix_fadvise(DONTNEED)``) before each run instead. Each child then primes memory
-after its imports, just before the load (``procfs.prime``: faults in the checkpoint's size +
+after its imports, just before the load (``procfs.prime``: faults in twice the checkpoint +
 1 GiB of fresh memory and gives it back; ``--no-prime`` leaves it out). On a virtual machine
 whose guest reports free pages to the host, a page untouched for a while costs a host fault on
 first touch, several times the cost of zeroing it, and first touch of fresh pages is most of a
 warm load's cost: without priming, a run's speed depends on what ran before it and how long ago
 (2x apart on the shared 2-core machine these figures come from). Primed, every load meets the
 memory a bare-metal host or a GPU virtual machine (memory pinned for passthrough) always has.
-``--settle S`` waits S seconds after priming (default 0).
 
 Per run: ``seconds`` of the load call (after the libraries are imported), ``gb_per_s``
 (checkpoint tensor bytes / seconds), ``mapped_bytes`` (tensor bytes left memory-mapped from the
@@ -53,7 +52,6 @@ from benchmarks.methods import CHUNK, METHODS, shard_files
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("safetensors", "disk", "materialise")
 DEFAULT_TIMEOUT = 900.0
-DEFAULT_SETTLE = 0.0
 PRIME_EXTRA = 2**30
 
 # (hidden, intermediate, heads, kv heads, vocab): the 3 GB default keeps Llama-3.2-1B-like
@@ -153,16 +151,13 @@ def warm(directory: Path) -> None:
 # --- one run, in the child process -------------------------------------------------------
 
 
-def run_one(
-    name: str, directory: Path, settle: float = 0.0, prime_bytes: int = 0
-) -> dict[str, Any]:
+def run_one(name: str, directory: Path, prime_bytes: int = 0) -> dict[str, Any]:
     """Run method ``name`` once in this process and measure it (see the module docstring)."""
     method = METHODS[name]
     # Import what the method needs first, so the baseline includes the libraries.
     for module in ("torch", *method.imports):
         importlib.import_module(module)
     procfs.prime(prime_bytes)
-    time.sleep(settle)
     procfs.reset_peak_rss()
     base_rss = procfs.rss_bytes()
     base_file = procfs.status_bytes("RssFile")
@@ -200,10 +195,10 @@ def run_one(
     return result
 
 
-def child(name: str, directory: Path, settle: float = 0.0, prime_bytes: int = 0) -> dict[str, Any]:
+def child(name: str, directory: Path, prime_bytes: int = 0) -> dict[str, Any]:
     """``run_one``, with a failure reported as ``{"error": reason}`` (paths left out)."""
     try:
-        return run_one(name, directory, settle, prime_bytes)
+        return run_one(name, directory, prime_bytes)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         for path in {str(directory.resolve()), str(directory)}:
@@ -215,13 +210,11 @@ def child(name: str, directory: Path, settle: float = 0.0, prime_bytes: int = 0)
 # --- the driver ----------------------------------------------------------------------------
 
 
-def spawn(
-    name: str, directory: Path, timeout: float, settle: float = 0.0, prime_bytes: int = 0
-) -> dict[str, Any]:
+def spawn(name: str, directory: Path, timeout: float, prime_bytes: int = 0) -> dict[str, Any]:
     """Run one method in a fresh process; a crash or a timeout is an error, not an exception."""
     env = dict(os.environ, **dict(METHODS[name].env)) if name in METHODS else dict(os.environ)
     command = [sys.executable, "-m", "benchmarks.load_throughput", "--child", name]
-    command += ["--dir", str(directory.resolve()), "--settle", str(settle)]
+    command += ["--dir", str(directory.resolve())]
     command += ["--prime-bytes", str(prime_bytes)]
     try:
         out = subprocess.run(
@@ -250,7 +243,6 @@ def measure(
     rounds: int,
     cold: bool,
     timeout: float = DEFAULT_TIMEOUT,
-    settle: float = 0.0,
     prime: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every method once per round, in alternating order; the raw per-run results."""
@@ -263,7 +255,7 @@ def measure(
                 evict(directory)
             else:
                 warm(directory)
-            runs[name].append(spawn(name, directory, timeout + settle, settle, prime_bytes))
+            runs[name].append(spawn(name, directory, timeout, prime_bytes))
     return runs
 
 
@@ -315,15 +307,13 @@ def benchmark(
     rounds: int,
     cold: bool,
     timeout: float = DEFAULT_TIMEOUT,
-    settle: float = 0.0,
     prime: bool = False,
 ) -> dict[str, Any]:
     """Measure and summarise; the result as written to JSON."""
-    runs = measure(directory, methods, rounds, cold, timeout, settle, prime)
+    runs = measure(directory, methods, rounds, cold, timeout, prime)
     return {
         "cold": cold,
         "rounds": rounds,
-        "settle_s": settle,
         "primed": prime,
         "checkpoint_bytes": checkpoint_bytes(directory),
         "methods": summarise(runs),
@@ -350,12 +340,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per run")
     p.add_argument(
-        "--settle",
-        type=float,
-        default=DEFAULT_SETTLE,
-        help="seconds each run waits after priming, before the load",
-    )
-    p.add_argument(
         "--no-prime",
         dest="prime",
         action="store_false",
@@ -371,7 +355,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.dir, args.settle, args.prime_bytes)))
+        print(json.dumps(child(args.child, args.dir, args.prime_bytes)))
         return 0
     if args.write_only:
         ensure_checkpoint(args.dir, args.size_gb)
@@ -381,9 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods: {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    result = benchmark(
-        args.dir, methods, args.rounds, args.cold, args.timeout, args.settle, args.prime
-    )
+    result = benchmark(args.dir, methods, args.rounds, args.cold, args.timeout, args.prime)
     print(json.dumps(result["methods"], indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,8 @@ from typing import Any, Literal
 
 import torch
 
+from benchmarks import procfs
+
 CHUNK = 16 * 2**20
 
 
@@ -67,47 +69,59 @@ def shard_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-def run_disk(directory: Path) -> Loaded:
-    files = shard_files(directory)
-    jobs = [(p, off) for p in files for off in range(0, p.stat().st_size, CHUNK)]
+_Job = tuple[Path, int, int | None, int]  # file, file offset, destination address, length
+
+
+def _pool(jobs: list[_Job], threads: int = 8) -> int:
+    """``threads`` threads ``pread`` the jobs, last first, until none are left: into the
+    thread's own reused buffer where the destination is ``None``, else into the destination
+    after faulting its pages in (``procfs.populate``). Returns the bytes read."""
     lock = threading.Lock()
     total = 0
 
     def worker() -> None:
         nonlocal total
-        view = memoryview(bytearray(CHUNK))
+        own = memoryview(bytearray(CHUNK))
         fds: dict[Path, int] = {}
         got = 0
         while True:
             with lock:
                 if not jobs:
                     break
-                path, off = jobs.pop()
+                path, off, address, size = jobs.pop()
             fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
-            got += os.preadv(fd, [view], off)
+            if address is None:
+                got += os.preadv(fd, [own[:size]], off)
+            else:
+                procfs.populate(address, size)
+                got += os.preadv(fd, [(ctypes.c_char * size).from_address(address)], off)
         for fd in fds.values():
             os.close(fd)
         with lock:
             total += got
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    start = time.perf_counter()
-    for t in threads:
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
+    return total
+
+
+def run_disk(directory: Path) -> Loaded:
+    files = shard_files(directory)
+    jobs: list[_Job] = [
+        (p, off, None, CHUNK) for p in files for off in range(0, p.stat().st_size, CHUNK)
+    ]
+    start = time.perf_counter()
+    total = _pool(jobs)
     return Loaded(time.perf_counter() - start, total, [])
 
 
-_MADV_POPULATE_WRITE = 23
-
-
 def run_materialise(directory: Path) -> Loaded:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     start = time.perf_counter()
     kept: list[torch.Tensor] = []
-    jobs: list[tuple[Path, int, int, int]] = []  # file, file offset, address, length
+    jobs: list[_Job] = []
     for path in shard_files(directory):
         with path.open("rb") as f:
             length = int.from_bytes(f.read(8), "little")
@@ -121,32 +135,7 @@ def run_materialise(directory: Path) -> Loaded:
                 size = min(CHUNK, end - begin - off)
                 jobs.append((path, 8 + length + begin + off, tensor.data_ptr() + off, size))
     jobs.reverse()
-    lock = threading.Lock()
-    total = 0
-
-    def worker() -> None:
-        nonlocal total
-        fds: dict[Path, int] = {}
-        got = 0
-        while True:
-            with lock:
-                if not jobs:
-                    break
-                path, off, address, size = jobs.pop()
-            fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
-            aligned = address & ~4095
-            libc.madvise(aligned, address + size - aligned, _MADV_POPULATE_WRITE)
-            got += os.preadv(fd, [(ctypes.c_char * size).from_address(address)], off)
-        for fd in fds.values():
-            os.close(fd)
-        with lock:
-            total += got
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    total = _pool(jobs)
     return Loaded(time.perf_counter() - start, total, kept)
 
 

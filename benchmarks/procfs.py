@@ -3,6 +3,8 @@ memory-mapped from a checkpoint file rather than held in the process's own memor
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import threading
 from collections.abc import Iterable
@@ -41,6 +43,16 @@ def reset_peak_rss() -> None:
 
 
 _MADV_POPULATE_WRITE = 23
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def populate(address: int, nbytes: int) -> bool:
+    """Fault in ``nbytes`` of anonymous memory at ``address`` in one call
+    (``madvise(MADV_POPULATE_WRITE)``, Linux >= 5.14); False where the kernel refuses."""
+    aligned = address - address % PAGE
+    result: int = _libc.madvise(aligned, address + nbytes - aligned, _MADV_POPULATE_WRITE)
+    return result == 0
 
 
 def prime(nbytes: int) -> None:
@@ -55,16 +67,11 @@ def prime(nbytes: int) -> None:
     """
     if nbytes <= 0:
         return
-    import ctypes
-    import mmap
-
     area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         view = (ctypes.c_char * nbytes).from_buffer(area)
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            if libc.madvise(ctypes.addressof(view), nbytes, _MADV_POPULATE_WRITE) != 0:
+            if not populate(ctypes.addressof(view), nbytes):
                 for offset in range(0, nbytes, PAGE):  # kernels before 5.14
                     area[offset] = 1
         finally:

@@ -29,7 +29,7 @@ def test_runner_reports_every_method_with_figures_or_a_reason(
 ) -> None:
     argv = ["--dir", str(checkpoint), "--size-gb", "0.02", "--rounds", "1"]
     argv += ["--methods", ",".join(SMOKE_METHODS), "--modes", "warm", "--no-plan-time"]
-    argv += ["--results", str(tmp_path), "--settle", "0"]
+    argv += ["--results", str(tmp_path)]
 
     assert 0 == runner.main(argv)
 
