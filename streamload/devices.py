@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import pynvml
 import torch
 
+from streamload import _hostmem
 from streamload.errors import DeviceError
 
 __all__ = [
@@ -382,9 +383,17 @@ class CpuDevice:
     def live_free_bytes(self) -> int:
         return host_available_bytes()
 
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """``torch.empty`` on the CPU; the allocator's ENOMEM becomes ``torch.OutOfMemoryError``."""
+    def empty(
+        self, shape: tuple[int, ...], dtype: torch.dtype, *, huge_pages: bool = False
+    ) -> torch.Tensor:
+        """``torch.empty`` on the CPU; the allocator's ENOMEM becomes ``torch.OutOfMemoryError``.
+
+        ``huge_pages``: a tensor of at least 2 MiB gets a mapping of its own in transparent huge
+        pages instead (``streamload._hostmem.empty``).
+        """
         try:
+            if huge_pages:
+                return _hostmem.empty(shape, dtype)
             return torch.empty(shape, dtype=dtype, device="cpu")
         except RuntimeError as exc:
             if _CPU_OOM not in str(exc):

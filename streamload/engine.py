@@ -35,9 +35,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import mmap
 import os
-import sys
 import threading
 import time
 import traceback
@@ -52,9 +52,16 @@ import anyio.lowlevel
 import anyio.to_thread
 import torch
 
-from streamload import planner
+from streamload import _hostmem, planner
 from streamload.checkpoint import TensorEntry
-from streamload.devices import RESERVATIONS, Device, Fence, ledger_key, resolve_devices
+from streamload.devices import (
+    RESERVATIONS,
+    CpuDevice,
+    Device,
+    Fence,
+    ledger_key,
+    resolve_devices,
+)
 from streamload.errors import (
     CheckpointError,
     LoadError,
@@ -146,55 +153,6 @@ class _Chunk:
 def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
     """A flat ``uint8`` view of a contiguous tensor's bytes."""
     return tensor.reshape(-1).view(torch.uint8)
-
-
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not in Python 3.11's mmap module
-_PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _prefault(tensor: torch.Tensor) -> None:
-    """Fault in a fresh host destination's pages in one call before reading into it.
-
-    Taking the page faults one 4 KiB page at a time inside ``preadv`` dominates a warm load to
-    the CPU; ``madvise(MADV_POPULATE_WRITE)`` on the reader thread does the same work in bulk
-    (measured +15% warm). Contents are unchanged. Best effort: older kernels and other
-    platforms skip it.
-    """
-    if _libc is None:
-        return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    aligned = start - start % _PAGE
-    _libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(end - aligned), _MADV_POPULATE_WRITE)
-
-
-_MADV_HUGEPAGE = 14
-_HUGE_MIN_BYTES = 32 * 2**20
-
-
-def _advise_huge_pages(tensor: torch.Tensor) -> None:
-    """Ask for transparent huge pages (``madvise(MADV_HUGEPAGE)``) for a fresh host tensor's
-    storage, before any of it is touched.
-
-    Faulting 2 MiB pages instead of 4 KiB ones cuts a warm load's page faults ~500-fold; with
-    host memory backed (bare metal, a GPU VM) the same load ran 1.5-2x faster. Only storages of
-    at least 32 MiB are advised: glibc gives those a mapping of their own (its largest mmap
-    threshold), which the page-rounded range covers whole, so the advice never splits a mapping
-    (many small advised ranges inside the heap could exhaust ``vm.max_map_count``). Contents are
-    unchanged; best effort: kernels without THP, or with it ``never``, ignore or refuse it.
-    """
-    if _libc is None or tensor.device.type != "cpu":
-        return
-    storage = tensor.untyped_storage()
-    nbytes = storage.nbytes()
-    if nbytes < _HUGE_MIN_BYTES:
-        return
-    start = storage.data_ptr()
-    end = start + nbytes
-    low = start - start % _PAGE
-    high = end + (-end) % _PAGE
-    _libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), _MADV_HUGEPAGE)
 
 
 def _host_memory(tensor: torch.Tensor) -> memoryview:
@@ -387,6 +345,7 @@ class _InFlight:
     error: BaseException | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
     filled: float = 0.0  # when the last read (and copy submission) finished
+    huge_bytes: int = 0  # bytes of final tensors given huge pages
 
     def drop(self) -> None:
         """Forget every tensor (pieces too: a stale frame may still hold a chunk)."""
@@ -488,6 +447,18 @@ def _torch_device_map(
     return mapping
 
 
+def _runs(unit: _Unit) -> list[tuple[Path, int, int]]:
+    """The byte ranges ``unit``'s tensors fill in its files (path, start, end), adjacent
+    tensors merged; other units' tensors stored between them are left out."""
+    runs: list[tuple[Path, int, int]] = []
+    for entry in sorted(unit.entries, key=lambda e: (str(e.path), e.offset)):
+        if runs and runs[-1][0] == entry.path and runs[-1][2] == entry.offset:
+            runs[-1] = (entry.path, runs[-1][1], entry.end)
+        elif entry.nbytes:
+            runs.append((entry.path, entry.offset, entry.end))
+    return runs
+
+
 def _units(spec: ModelSpec) -> list[_Unit]:
     entries = spec.checkpoint.tensors
     units = []
@@ -525,6 +496,11 @@ class _Load:
         self.target = params.target_code
         self.scratch = 0
         self.units: list[_Unit] = []
+        # "auto" huge pages: whether each unit (by id) was mostly in the page cache when first
+        # looked at, before the load's own read-ahead of it.
+        self.warm: dict[int, bool] = {}
+        self.huge_ok = params.huge_pages is not False and _hostmem.huge_pages_available()
+        self.huge_bytes = 0
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -687,13 +663,32 @@ class _Load:
     def _advise(self, unit: _Unit) -> None:
         if not hasattr(os, "posix_fadvise") or self.files is None:
             return
-        runs: dict[Path, tuple[int, int]] = {}
-        for entry in unit.entries:
-            start, end = runs.get(entry.path, (entry.offset, entry.end))
-            runs[entry.path] = (min(start, entry.offset), max(end, entry.end))
-        for path, (start, end) in runs.items():
+        if self.params.huge_pages == "auto" and self.huge_ok:
+            self._is_warm(unit)  # before the read-ahead below fills the cache
+        for path, start, end in _runs(unit):
             with contextlib.suppress(OSError, StreamloadError):
                 os.posix_fadvise(self.files.fd(path), start, end - start, os.POSIX_FADV_WILLNEED)
+
+    def _is_warm(self, unit: _Unit) -> bool:
+        """Whether more than half of ``unit``'s bytes were in the page cache when first asked
+        (sampled, ``_hostmem.cached_fraction``); unknown counts as cold."""
+        warm = self.warm.get(id(unit))
+        if warm is None:
+            files = self.files
+            assert files is not None
+            ranges = [(files.fd(path), start, end - start) for path, start, end in _runs(unit)]
+            fraction = _hostmem.cached_fraction(ranges)
+            warm = self.warm[id(unit)] = fraction is not None and fraction > 0.5
+        return warm
+
+    def _huge_pages(self, unit: _Unit, device: Device) -> bool:
+        """Whether ``unit``'s host destinations on ``device`` get huge pages
+        (``LoadParams.huge_pages``)."""
+        if not isinstance(device, CpuDevice) or not self.huge_ok:
+            return False
+        if self.params.huge_pages == "auto":
+            return self._is_warm(unit)
+        return True
 
     def _device_for(self, unit: _Unit) -> Device:
         name = self.plan.primary if unit.layer is None else self.plan.layer_devices[unit.layer]
@@ -727,33 +722,39 @@ class _Load:
         raw: dict[str, torch.Tensor] = {}
         items: list[tuple[TensorEntry, torch.Tensor]] = []
         mmap_ok = not device.is_gpu and not device.staged and self.params.cpu_policy == "mmap"
+        huge = self._huge_pages(unit, device)
+        empty = device.empty
+        if huge:
+            assert isinstance(device, CpuDevice)
+            empty = functools.partial(device.empty, huge_pages=True)
+        huge_bytes = 0
         try:
             for entry in unit.entries:
                 stored = torch_dtype(entry.dtype)
                 if self._converts(entry):
-                    final[entry.name] = device.empty(entry.shape, torch_dtype(self._placed(entry)))
-                    raw[entry.name] = device.empty(entry.shape, stored)
+                    final[entry.name] = empty(entry.shape, torch_dtype(self._placed(entry)))
+                    raw[entry.name] = empty(entry.shape, stored)
                     items.append((entry, _byte_view(raw[entry.name])))
                 elif mmap_ok:
                     final[entry.name] = self._mmap(entry, stored)
+                    continue
                 else:
-                    final[entry.name] = device.empty(entry.shape, stored)
+                    final[entry.name] = empty(entry.shape, stored)
                     items.append((entry, _byte_view(final[entry.name])))
+                if huge and final[entry.name].nbytes >= _hostmem.HUGE_PAGE:
+                    huge_bytes += final[entry.name].nbytes
         except BaseException:
             final.clear()
             raw.clear()
             items.clear()
             raise
-        if self.params.huge_pages:
-            for _, target in items:
-                _advise_huge_pages(target)
-            for name in raw:
-                _advise_huge_pages(final[name])
         raw_bytes = sum(t.nbytes for t in raw.values())
         self.transient[device.name] = self.transient.get(device.name, 0) + raw_bytes
         chunks = _cut_chunks(items, self.params.chunk_bytes)
         items.clear()
-        return _InFlight(unit, device, final, raw, chunks, raw_bytes, time.perf_counter(), live)
+        flight = _InFlight(unit, device, final, raw, chunks, raw_bytes, time.perf_counter(), live)
+        flight.huge_bytes = huge_bytes
+        return flight
 
     def _mmap(self, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
         """A copy-on-write memory map of ``entry``'s bytes (zero copy; page cache backed)."""
@@ -870,7 +871,7 @@ class _Load:
     @staticmethod
     def _read_direct(files: _Files, chunk: _Chunk) -> None:
         for piece in chunk.pieces:
-            _prefault(piece.dst)
+            _hostmem.prefault(piece.dst)
         views = [_host_memory(piece.dst) for piece in chunk.pieces]
         try:
             _read_into(
@@ -892,7 +893,7 @@ class _Load:
         fence: Fence | None = None
         for piece in chunk.pieces:
             if piece.dst.device.type == "cpu":
-                _prefault(piece.dst)
+                _hostmem.prefault(piece.dst)
             n = piece.dst.numel()
             fence = device.copy_from_host(piece.dst, slot.buffer[piece.at : piece.at + n])
         assert fence is not None
@@ -918,6 +919,7 @@ class _Load:
         stats = self.device_stats.setdefault(device.name, _DeviceStats())
         stats.nbytes += unit.nbytes
         stats.tensors += len(flight.final)
+        self.huge_bytes += flight.huge_bytes
         stats.layers += 1 if unit.layer is not None else 0
         stats.seconds += seconds
         self.tensors.update(flight.final)
@@ -962,6 +964,7 @@ class _Load:
             replans=tuple(self.replans),
             fallbacks=tuple(self.fallbacks),
             staging_bytes=0 if self.ring is None else self.ring.nbytes,
+            huge_page_bytes=self.huge_bytes,
         )
 
     def _release(self) -> None:

@@ -114,6 +114,8 @@ class LoadReport:
     ``nbytes`` placed (target dtype); ``stored_bytes`` read from disk; ``seconds`` the whole
     load (inventory, planning and streaming); ``gb_per_s`` is ``stored_bytes / seconds / 1e9``.
     ``replans`` holds every ``Replanned`` event, ``fallbacks`` every ``PagedAttentionDisabled``.
+    ``staging_bytes`` is the staging ring's size; ``huge_page_bytes`` the placed host tensors
+    given transparent huge pages (``LoadParams.huge_pages``).
     """
 
     path: str
@@ -126,6 +128,7 @@ class LoadReport:
     replans: tuple[Replanned, ...] = ()
     fallbacks: tuple[PagedAttentionDisabled, ...] = ()
     staging_bytes: int = 0
+    huge_page_bytes: int = 0
 
     @property
     def gb_per_s(self) -> float:
@@ -205,6 +208,8 @@ def event_fields(event: Event) -> dict[str, Any]:
             "gb_per_s": round(report.gb_per_s, 3),
             "replans": len(report.replans),
             "fallbacks": [f.reason for f in report.fallbacks],
+            "staging_bytes": report.staging_bytes,
+            "huge_page_bytes": report.huge_page_bytes,
             "devices": [
                 {
                     "device": d.device,
