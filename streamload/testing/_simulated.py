@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from streamload import _hostmem
 from streamload.devices import DONE, Fence
 from streamload.errors import format_bytes
 
@@ -310,12 +311,21 @@ class SimulatedGPU:
         The memory map is the only owner of the bytes; ``torch.frombuffer`` keeps it alive for
         exactly as long as the tensor storage (every view, Parameter or dtype view of it), and
         ``weakref.finalize`` credits the ledger when it dies.
+
+        Blocks of 2 MiB or more are 2 MiB aligned and advised transparent huge pages
+        (``_hostmem.huge_mapping``): device memory takes no page faults once allocated, and
+        4 KiB faults on the simulated device's memory made the staged path look ~1.2x slower
+        than its copies are.
         """
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        block = _host_block(nbytes)
+        offset = 0
+        if nbytes >= _hostmem.HUGE_PAGE and hasattr(mmap, "MAP_ANONYMOUS"):
+            block, offset = _hostmem.huge_mapping(nbytes)
+        else:
+            block = _host_block(nbytes)
         weakref.finalize(block, self._credits.credit, nbytes).atexit = False
-        flat = torch.frombuffer(block, dtype=torch.uint8)
+        flat = torch.frombuffer(block, dtype=torch.uint8, count=nbytes, offset=offset)
         return flat.view(dtype).view(shape)
 
     @staticmethod
