@@ -10,8 +10,9 @@ what it loaded; the harness measures memory and mappings around it.
   (``load_file`` maps the file; the clone materialises every byte in process memory);
 - ``streamload-cpu``, ``streamload-mmap``: ``streamload.load`` to the CPU under
   ``cpu_policy="copy"`` and ``"mmap"``;
-- ``streamload-cpu-huge``: ``streamload-cpu`` with ``huge_pages=True`` (transparent huge pages
-  for destinations of 32 MiB or more);
+- ``streamload-cpu-4k``, ``streamload-cpu-huge``: ``streamload-cpu`` with ``huge_pages`` off
+  and on (the default, ``"auto"``, gives tensors of 2 MiB or more transparent huge pages for
+  the layers already in the page cache);
 - ``streamload-sim``: to a staged ``SimulatedGPU`` (the CUDA path's staging ring and copies,
   with a host ``copy_`` as the copy primitive);
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(path, device_map="cpu")``;
@@ -153,7 +154,10 @@ def run_safetensors(directory: Path) -> Loaded:
 
 
 def run_streamload(
-    directory: Path, target: str, policy: Literal["copy", "mmap"], huge_pages: bool = False
+    directory: Path,
+    target: str,
+    policy: Literal["copy", "mmap"],
+    huge_pages: bool | Literal["auto"] = "auto",
 ) -> Loaded:
     import anyio
 
@@ -300,6 +304,11 @@ METHODS: dict[str, Method] = {
     ),
     "streamload-cpu": Method(
         lambda d: run_streamload(d, "cpu", "copy"), _STREAMLOAD, note='cpu_policy="copy"'
+    ),
+    "streamload-cpu-4k": Method(
+        lambda d: run_streamload(d, "cpu", "copy", huge_pages=False),
+        _STREAMLOAD,
+        note='cpu_policy="copy", huge_pages=False',
     ),
     "streamload-cpu-huge": Method(
         lambda d: run_streamload(d, "cpu", "copy", huge_pages=True),
