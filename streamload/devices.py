@@ -365,6 +365,9 @@ class CpuDevice:
 
     __slots__ = ()
 
+    #: Tensors from ``empty`` are host memory (``empty`` takes ``huge_pages``).
+    host_memory = True
+
     @property
     def name(self) -> str:
         return "cpu"

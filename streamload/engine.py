@@ -42,7 +42,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -56,7 +56,6 @@ from streamload import _hostmem, planner
 from streamload.checkpoint import TensorEntry
 from streamload.devices import (
     RESERVATIONS,
-    CpuDevice,
     Device,
     Fence,
     ledger_key,
@@ -682,9 +681,11 @@ class _Load:
         return warm
 
     def _huge_pages(self, unit: _Unit, device: Device) -> bool:
-        """Whether ``unit``'s host destinations on ``device`` get huge pages
-        (``LoadParams.huge_pages``)."""
-        if not isinstance(device, CpuDevice) or not self.huge_ok:
+        """Whether ``unit``'s destinations on ``device`` get huge pages
+        (``LoadParams.huge_pages``): only devices whose memory is host memory and whose
+        ``empty`` takes ``huge_pages`` (they say so with ``host_memory = True``: the CPU, a
+        simulated GPU)."""
+        if not getattr(device, "host_memory", False) or not self.huge_ok:
             return False
         if self.params.huge_pages == "auto":
             return self._is_warm(unit)
@@ -723,10 +724,10 @@ class _Load:
         items: list[tuple[TensorEntry, torch.Tensor]] = []
         mmap_ok = not device.is_gpu and not device.staged and self.params.cpu_policy == "mmap"
         huge = self._huge_pages(unit, device)
-        empty = device.empty
+        empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = device.empty
         if huge:
-            assert isinstance(device, CpuDevice)
-            empty = functools.partial(device.empty, huge_pages=True)
+            host_empty: Callable[..., torch.Tensor] = device.empty  # takes huge_pages
+            empty = functools.partial(host_empty, huge_pages=True)
         huge_bytes = 0
         try:
             for entry in unit.entries:

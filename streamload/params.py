@@ -196,7 +196,8 @@ class LoadParams:
     ``max_replans`` bounds live re-plans during one load.
 
     ``huge_pages`` decides whether host destinations (CPU tensors of at least 2 MiB that a load
-    reads into, under either CPU policy) get transparent huge pages: ``True`` always, ``False``
+    reads into, under either CPU policy; a simulated GPU's memory, which is host memory too)
+    get transparent huge pages: ``True`` always, ``False``
     never, ``"auto"`` (default) for each layer or non-mapped part whose bytes are mostly (more
     than half, sampled) in the page cache when the load reaches it, before its own read-ahead
     starts. Why: a warm load is bound by faulting in and zeroing fresh pages plus one copy, and

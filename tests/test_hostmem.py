@@ -263,13 +263,40 @@ async def test_auto_on_a_truly_evicted_checkpoint_uses_small_pages(big_ckpt: Pat
 
 
 @linux_only
-def test_simulated_gpu_memory_is_aligned_huge_pages_and_credited() -> None:
+def test_simulated_gpu_memory_in_huge_pages_when_asked_and_credited() -> None:
     gpu = SimulatedGPU("sim:0", total_bytes=64 * MiB)
-    tensor = gpu.empty((3 * MiB + 4,), torch.uint8)
-    assert tensor.data_ptr() % _hostmem.HUGE_PAGE == 0
-    assert _huge_advised(tensor)
-    assert gpu.allocated_bytes == 3 * MiB + 4
-    del tensor
+    plain = gpu.empty((3 * MiB + 4,), torch.uint8)
+    huge = gpu.empty((3 * MiB + 4,), torch.uint8, huge_pages=True)
+    assert not _huge_advised(plain)
+    assert huge.data_ptr() % _hostmem.HUGE_PAGE == 0
+    assert _huge_advised(huge)
+    assert huge.untyped_storage().nbytes() == 3 * MiB + 4
+    assert gpu.allocated_bytes == 2 * (3 * MiB + 4)
+    del plain, huge
+    gc.collect()
+    assert gpu.allocated_bytes == 0
+
+
+@linux_only
+@pytest.mark.anyio
+@pytest.mark.parametrize("staged", [True, False])
+@pytest.mark.parametrize("warm", [True, False])
+async def test_simulated_gpu_memory_follows_the_same_rule(
+    big_ckpt: Path, monkeypatch: pytest.MonkeyPatch, staged: bool, warm: bool
+) -> None:
+    """A simulated GPU's memory is host memory: under ``"auto"`` it gets huge pages for the
+    units found in the page cache, like CPU tensors; its ledger still returns to zero."""
+    if not _hostmem.huge_pages_available():
+        pytest.skip("transparent huge pages are off on this machine")
+    monkeypatch.setattr(_hostmem, "cached_fraction", lambda ranges: 1.0 if warm else 0.0)
+    gpu = SimulatedGPU("sim:0", total_bytes=2**30, staged=staged)
+    async with await streamload.load(big_ckpt, big_params([gpu])) as model:
+        _assert_same(model.tensors, big_ckpt)
+        big = _big(model.tensors)
+        assert len(big) == LAYERS + 1
+        assert all(_huge_advised(t) is warm for t in big.values())
+        assert model.report.huge_page_bytes == (sum(t.nbytes for t in big.values()) if warm else 0)
+        del big
     gc.collect()
     assert gpu.allocated_bytes == 0
 

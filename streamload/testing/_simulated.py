@@ -149,9 +149,16 @@ class SimulatedGPU:
             self._settle()
             return self._free()
 
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    #: Its memory is host memory: the engine passes ``huge_pages`` to ``empty`` under the same
+    #: rule as for CPU tensors (``LoadParams.huge_pages``).
+    host_memory = True
+
+    def empty(
+        self, shape: tuple[int, ...], dtype: torch.dtype, *, huge_pages: bool = False
+    ) -> torch.Tensor:
         """A new tensor of ``shape`` and ``dtype`` charged to this device (contents undefined;
-        zeros in practice)."""
+        zeros in practice). ``huge_pages``: a block of 2 MiB or more is 2 MiB aligned and in
+        transparent huge pages (``_hostmem.huge_mapping``)."""
         if any(size < 0 for size in shape):
             raise ValueError(f"negative dimension in shape {shape}")
         nbytes = math.prod(shape) * dtype.itemsize
@@ -173,7 +180,7 @@ class SimulatedGPU:
         if not fits:
             raise self._oom(nbytes, "exceeds live free memory")
         try:
-            tensor = self._materialise(shape, dtype, nbytes)
+            tensor = self._materialise(shape, dtype, nbytes, huge_pages)
         except BaseException:
             self._credits.credit(nbytes)
             raise
@@ -305,22 +312,19 @@ class SimulatedGPU:
             f"{format_bytes(allocated)} allocated here, {format_bytes(stolen)} held by others"
         )
 
-    def _materialise(self, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+    def _materialise(
+        self, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int, huge_pages: bool
+    ) -> torch.Tensor:
         """A tensor over fresh host memory whose release credits ``nbytes`` to the ledger.
 
         The memory map is the only owner of the bytes; ``torch.frombuffer`` keeps it alive for
         exactly as long as the tensor storage (every view, Parameter or dtype view of it), and
         ``weakref.finalize`` credits the ledger when it dies.
-
-        Blocks of 2 MiB or more are 2 MiB aligned and advised transparent huge pages
-        (``_hostmem.huge_mapping``): device memory takes no page faults once allocated, and
-        4 KiB faults on the simulated device's memory made the staged path look ~1.2x slower
-        than its copies are.
         """
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         offset = 0
-        if nbytes >= _hostmem.HUGE_PAGE and hasattr(mmap, "MAP_ANONYMOUS"):
+        if huge_pages and nbytes >= _hostmem.HUGE_PAGE and hasattr(mmap, "MAP_ANONYMOUS"):
             block, offset = _hostmem.huge_mapping(nbytes)
         else:
             block = _host_block(nbytes)
