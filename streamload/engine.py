@@ -663,7 +663,10 @@ class _Load:
         if not hasattr(os, "posix_fadvise") or self.files is None:
             return
         if self.params.huge_pages == "auto" and self.huge_ok:
-            self._is_warm(unit)  # before the read-ahead below fills the cache
+            # Before the read-ahead below fills the cache. Best effort like the advice: a file
+            # that cannot be opened is reported by the read, with its context.
+            with contextlib.suppress(OSError, StreamloadError):
+                self._is_warm(unit)
         for path, start, end in _runs(unit):
             with contextlib.suppress(OSError, StreamloadError):
                 os.posix_fadvise(self.files.fd(path), start, end - start, os.POSIX_FADV_WILLNEED)
