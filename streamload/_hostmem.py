@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import math
 import mmap
 import sys
@@ -198,8 +199,10 @@ def cached_fraction(ranges: Sequence[tuple[int, int, int]]) -> float | None:
     return cached / probed
 
 
+@functools.cache
 def huge_pages_available() -> bool:
-    """Whether ``empty`` can ask for huge pages here (Linux, THP not ``never``)."""
+    """Whether ``empty`` can ask for huge pages here (Linux, THP not ``never``); read once per
+    process."""
     if _libc is None:
         return False
     try:

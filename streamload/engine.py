@@ -54,13 +54,7 @@ import torch
 
 from streamload import _hostmem, planner
 from streamload.checkpoint import TensorEntry
-from streamload.devices import (
-    RESERVATIONS,
-    Device,
-    Fence,
-    ledger_key,
-    resolve_devices,
-)
+from streamload.devices import RESERVATIONS, Device, Fence, ledger_key, resolve_devices
 from streamload.errors import (
     CheckpointError,
     LoadError,
@@ -340,11 +334,11 @@ class _InFlight:
     raw_bytes: int
     started: float
     free_before: int
+    huge_bytes: int  # bytes of final tensors given huge pages
     fences: list[Fence] = field(default_factory=list)
     error: BaseException | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
     filled: float = 0.0  # when the last read (and copy submission) finished
-    huge_bytes: int = 0  # bytes of final tensors given huge pages
 
     def drop(self) -> None:
         """Forget every tensor (pieces too: a stale frame may still hold a chunk)."""
@@ -498,7 +492,6 @@ class _Load:
         # "auto" huge pages: whether each unit (by id) was mostly in the page cache when first
         # looked at, before the load's own read-ahead of it.
         self.warm: dict[int, bool] = {}
-        self.huge_ok = params.huge_pages is not False and _hostmem.huge_pages_available()
         self.huge_bytes = 0
 
     # -- helpers ------------------------------------------------------------------------------
@@ -662,11 +655,10 @@ class _Load:
     def _advise(self, unit: _Unit) -> None:
         if not hasattr(os, "posix_fadvise") or self.files is None:
             return
-        if self.params.huge_pages == "auto" and self.huge_ok:
-            # Before the read-ahead below fills the cache. Best effort like the advice: a file
-            # that cannot be opened is reported by the read, with its context.
-            with contextlib.suppress(OSError, StreamloadError):
-                self._is_warm(unit)
+        # Probe the page cache (under "auto") before the read-ahead below fills it. Best effort
+        # like the advice: a file that cannot be opened is reported by the read, in context.
+        with contextlib.suppress(OSError, StreamloadError):
+            self._huge_pages(unit, self._device_for(unit))
         for path, start, end in _runs(unit):
             with contextlib.suppress(OSError, StreamloadError):
                 os.posix_fadvise(self.files.fd(path), start, end - start, os.POSIX_FADV_WILLNEED)
@@ -688,7 +680,9 @@ class _Load:
         (``LoadParams.huge_pages``): only devices whose memory is host memory and whose
         ``empty`` takes ``huge_pages`` (they say so with ``host_memory = True``: the CPU, a
         simulated GPU)."""
-        if not getattr(device, "host_memory", False) or not self.huge_ok:
+        if self.params.huge_pages is False or not getattr(device, "host_memory", False):
+            return False
+        if not _hostmem.huge_pages_available():
             return False
         if self.params.huge_pages == "auto":
             return self._is_warm(unit)
@@ -756,9 +750,9 @@ class _Load:
         self.transient[device.name] = self.transient.get(device.name, 0) + raw_bytes
         chunks = _cut_chunks(items, self.params.chunk_bytes)
         items.clear()
-        flight = _InFlight(unit, device, final, raw, chunks, raw_bytes, time.perf_counter(), live)
-        flight.huge_bytes = huge_bytes
-        return flight
+        return _InFlight(
+            unit, device, final, raw, chunks, raw_bytes, time.perf_counter(), live, huge_bytes
+        )
 
     def _mmap(self, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
         """A copy-on-write memory map of ``entry``'s bytes (zero copy; page cache backed)."""
