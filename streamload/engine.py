@@ -42,7 +42,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -129,6 +129,10 @@ class _Piece:
     dst: torch.Tensor  # uint8 view of the destination (raw) bytes
     at: int  # offset inside the chunk
     tensor: str
+    # Fault the host destination in before the read/copy (``_hostmem.prefault``): worth it for
+    # 4 KiB pages (one fault per page inside the copy otherwise), not for huge pages, which the
+    # copy faults in 2 MiB at a time, each zeroed page still in cache when the copy writes it.
+    prefault: bool = True
 
 
 @dataclass(slots=True)
@@ -161,12 +165,16 @@ def _host_memory(tensor: torch.Tensor) -> memoryview:
 
 
 def _cut_chunks(
-    items: Sequence[tuple[TensorEntry, torch.Tensor]], chunk_bytes: int
+    items: Sequence[tuple[TensorEntry, torch.Tensor]],
+    chunk_bytes: int,
+    huge: Collection[str] = (),
 ) -> list[_Chunk]:
-    """Cut file-adjacent tensors into reads of at most ``chunk_bytes``."""
+    """Cut file-adjacent tensors into reads of at most ``chunk_bytes``; destinations of the
+    tensors named in ``huge`` are in huge pages (not pre-faulted, see ``_Piece.prefault``)."""
     chunks: list[_Chunk] = []
     current: _Chunk | None = None
     for entry, dst in sorted(items, key=lambda item: (str(item[0].path), item[0].offset)):
+        prefault = entry.name not in huge
         pos = 0
         while pos < entry.nbytes:
             start = entry.offset + pos
@@ -180,7 +188,9 @@ def _cut_chunks(
                 current = _Chunk(entry.path, start)
                 chunks.append(current)
             take = min(entry.nbytes - pos, chunk_bytes - current.nbytes)
-            current.pieces.append(_Piece(dst[pos : pos + take], current.nbytes, entry.name))
+            current.pieces.append(
+                _Piece(dst[pos : pos + take], current.nbytes, entry.name, prefault)
+            )
             current.nbytes += take
             pos += take
     return chunks
@@ -726,6 +736,7 @@ class _Load:
             host_empty: Callable[..., torch.Tensor] = device.empty  # takes huge_pages
             empty = functools.partial(host_empty, huge_pages=True)
         huge_bytes = 0
+        in_huge: set[str] = set()  # tensors read into huge pages
         try:
             for entry in unit.entries:
                 stored = torch_dtype(entry.dtype)
@@ -741,6 +752,8 @@ class _Load:
                     items.append((entry, _byte_view(final[entry.name])))
                 if huge and final[entry.name].nbytes >= _hostmem.HUGE_PAGE:
                     huge_bytes += final[entry.name].nbytes
+                if huge and items[-1][1].nbytes >= _hostmem.HUGE_PAGE:
+                    in_huge.add(entry.name)  # what is read into is in huge pages
         except BaseException:
             final.clear()
             raw.clear()
@@ -748,7 +761,7 @@ class _Load:
             raise
         raw_bytes = sum(t.nbytes for t in raw.values())
         self.transient[device.name] = self.transient.get(device.name, 0) + raw_bytes
-        chunks = _cut_chunks(items, self.params.chunk_bytes)
+        chunks = _cut_chunks(items, self.params.chunk_bytes, in_huge)
         items.clear()
         return _InFlight(
             unit, device, final, raw, chunks, raw_bytes, time.perf_counter(), live, huge_bytes
@@ -869,7 +882,8 @@ class _Load:
     @staticmethod
     def _read_direct(files: _Files, chunk: _Chunk) -> None:
         for piece in chunk.pieces:
-            _hostmem.prefault(piece.dst)
+            if piece.prefault:
+                _hostmem.prefault(piece.dst)
         views = [_host_memory(piece.dst) for piece in chunk.pieces]
         try:
             _read_into(
@@ -890,7 +904,7 @@ class _Load:
         )
         fence: Fence | None = None
         for piece in chunk.pieces:
-            if piece.dst.device.type == "cpu":
+            if piece.prefault and piece.dst.device.type == "cpu":
                 _hostmem.prefault(piece.dst)
             n = piece.dst.numel()
             fence = device.copy_from_host(piece.dst, slot.buffer[piece.at : piece.at + n])
