@@ -17,7 +17,8 @@ conversion of the current one while memory readings stay exact. For each unit:
    the stored dtype. ``torch.OutOfMemoryError`` frees the unit's buffers and re-plans too.
 3. *Read*: runs of adjacent tensors are cut into chunks of ``params.chunk_bytes``. Staged devices
    (CUDA, ``SimulatedGPU``) read each chunk into a slot of a host staging ring (pinned on CUDA;
-   ``params.staging_bytes`` in all, independent of the model's size) and copy it to the device;
+   ``params.staging_bytes`` in all, independent of the model's size), at its file offset's
+   position modulo 64 bytes (chunks 64 bytes shorter make room), and copy it to the device;
    a slot is refilled only after its copy's fence completes. Unstaged devices (the CPU) are read
    into directly with ``os.preadv``. CPU layers under ``cpu_policy="mmap"`` that keep their
    stored dtype are memory-mapped from the checkpoint instead (copy-on-write, zero copy).
@@ -83,6 +84,11 @@ __all__ = ["LoadedModel", "capacities", "load"]
 
 
 _MAX_PIECES_PER_CHUNK = 512  # well under IOV_MAX (1024) for one preadv
+# A chunk is read into its staging slot at the file offset's position modulo a cache line, so
+# the kernel's copy out of the page cache runs with source and destination co-aligned (measured
+# +26% read rate into a reused slot for a tensor 8 bytes past a cache line, as safetensors
+# headers leave them). Staged chunks are cut this much short of ``chunk_bytes`` to make room.
+_STAGING_ALIGN = 64
 
 
 def capacities(
@@ -761,7 +767,10 @@ class _Load:
             raise
         raw_bytes = sum(t.nbytes for t in raw.values())
         self.transient[device.name] = self.transient.get(device.name, 0) + raw_bytes
-        chunks = _cut_chunks(items, self.params.chunk_bytes, in_huge)
+        chunk_bytes = self.params.chunk_bytes
+        if device.staged and chunk_bytes >= 2 * _STAGING_ALIGN:
+            chunk_bytes -= _STAGING_ALIGN  # room to co-align the read in its slot
+        chunks = _cut_chunks(items, chunk_bytes, in_huge)
         items.clear()
         return _InFlight(
             unit, device, final, raw, chunks, raw_bytes, time.perf_counter(), live, huge_bytes
@@ -899,15 +908,17 @@ class _Load:
             slot.fence.wait()  # the previous copy out of this slot has finished
             slot.fence = None
         tensor = chunk.pieces[0].tensor
-        _read_into(
-            files.fd(chunk.path), [slot.view[: chunk.nbytes]], chunk.offset, chunk.path, tensor
-        )
+        lead = chunk.offset % _STAGING_ALIGN  # co-align with the page cache (_STAGING_ALIGN)
+        if lead + chunk.nbytes > len(slot.view):
+            lead = 0
+        view = slot.view[lead : lead + chunk.nbytes]
+        _read_into(files.fd(chunk.path), [view], chunk.offset, chunk.path, tensor)
         fence: Fence | None = None
         for piece in chunk.pieces:
             if piece.prefault and piece.dst.device.type == "cpu":
                 _hostmem.prefault(piece.dst)
-            n = piece.dst.numel()
-            fence = device.copy_from_host(piece.dst, slot.buffer[piece.at : piece.at + n])
+            at = lead + piece.at
+            fence = device.copy_from_host(piece.dst, slot.buffer[at : at + piece.dst.numel()])
         assert fence is not None
         slot.fence = fence
         return fence

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,56 @@ async def test_staging_ring_is_sized_to_the_cpus_within_the_budget(ckpt: Path) -
         assert model.report.staging_bytes <= p.staging_bytes
     async with await streamload.load(ckpt, params(["cpu"])) as model:
         assert 0 == model.report.staging_bytes
+
+
+def _file_offsets(directory: Path) -> dict[str, int]:
+    """Each tensor's first byte's offset in its shard, from the safetensors headers."""
+    offsets = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with shard.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            offsets[name] = 8 + length + entry["data_offsets"][0]
+    return offsets
+
+
+async def test_staged_reads_are_co_aligned_with_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every byte copied out of a staging slot sits at its file offset's position modulo 64
+    (the kernel's copy from the page cache then runs co-aligned), and no chunk outgrows its
+    slot; tensors of odd sizes put most offsets off a cache line."""
+    tensors = llama_tensors(3)
+    for i in range(3):
+        tensors[f"model.layers.{i}.odd"] = torch.arange(1000 + 7 * i, dtype=torch.int8)
+    ckpt = write_checkpoint(tmp_path / "odd", tensors, llama_config(3), shards=2)
+    offsets = _file_offsets(ckpt)
+    assert len({o % 64 for o in offsets.values()}) > 4
+    copies: list[tuple[int, int, int]] = []
+    gpu = SimulatedGPU("sim:0", total_bytes=2**30)
+    real = gpu.copy_from_host
+
+    def record(dst: torch.Tensor, src: torch.Tensor) -> Any:
+        copies.append((dst.data_ptr(), src.data_ptr(), src.nbytes))
+        return real(dst, src)
+
+    monkeypatch.setattr(gpu, "copy_from_host", record)
+    p = params([gpu], chunk_bytes=4096, staging_bytes=4 * 4096)
+    async with await streamload.load(ckpt, p) as model:
+        assert_identical(model.tensors, reference(ckpt), None)
+        starts = {t.data_ptr(): (n, t.nbytes) for n, t in model.tensors.items() if t.nbytes}
+        placed = sorted(starts)
+        checked = 0
+        for dst, src, nbytes in copies:
+            assert nbytes <= 4096 - 64
+            base = max(b for b in placed if b <= dst)
+            name, size = starts[base]
+            assert dst + nbytes <= base + size
+            assert src % 64 == (offsets[name] + dst - base) % 64, name
+            checked += 1
+        assert checked == len(copies) > 3 * 9
 
 
 def steal_after(layer: int, gpu: SimulatedGPU, events: list[Event], plan: Any) -> Any:
