@@ -43,7 +43,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -171,16 +171,15 @@ def _host_memory(tensor: torch.Tensor) -> memoryview:
 
 
 def _cut_chunks(
-    items: Sequence[tuple[TensorEntry, torch.Tensor]],
-    chunk_bytes: int,
-    huge: Collection[str] = (),
+    items: Sequence[tuple[TensorEntry, torch.Tensor]], chunk_bytes: int, huge: bool = False
 ) -> list[_Chunk]:
-    """Cut file-adjacent tensors into reads of at most ``chunk_bytes``; destinations of the
-    tensors named in ``huge`` are in huge pages (not pre-faulted, see ``_Piece.prefault``)."""
+    """Cut file-adjacent tensors into reads of at most ``chunk_bytes``. With ``huge``, the
+    destinations were asked for huge pages: those of 2 MiB or more got them and are not
+    pre-faulted (``_Piece.prefault``)."""
     chunks: list[_Chunk] = []
     current: _Chunk | None = None
     for entry, dst in sorted(items, key=lambda item: (str(item[0].path), item[0].offset)):
-        prefault = entry.name not in huge
+        prefault = not huge or dst.nbytes < _hostmem.HUGE_PAGE
         pos = 0
         while pos < entry.nbytes:
             start = entry.offset + pos
@@ -742,7 +741,6 @@ class _Load:
             host_empty: Callable[..., torch.Tensor] = device.empty  # takes huge_pages
             empty = functools.partial(host_empty, huge_pages=True)
         huge_bytes = 0
-        in_huge: set[str] = set()  # tensors read into huge pages
         try:
             for entry in unit.entries:
                 stored = torch_dtype(entry.dtype)
@@ -758,8 +756,6 @@ class _Load:
                     items.append((entry, _byte_view(final[entry.name])))
                 if huge and final[entry.name].nbytes >= _hostmem.HUGE_PAGE:
                     huge_bytes += final[entry.name].nbytes
-                if huge and items[-1][1].nbytes >= _hostmem.HUGE_PAGE:
-                    in_huge.add(entry.name)  # what is read into is in huge pages
         except BaseException:
             final.clear()
             raw.clear()
@@ -770,7 +766,7 @@ class _Load:
         chunk_bytes = self.params.chunk_bytes
         if device.staged and chunk_bytes >= 2 * _STAGING_ALIGN:
             chunk_bytes -= _STAGING_ALIGN  # room to co-align the read in its slot
-        chunks = _cut_chunks(items, chunk_bytes, in_huge)
+        chunks = _cut_chunks(items, chunk_bytes, huge)
         items.clear()
         return _InFlight(
             unit, device, final, raw, chunks, raw_bytes, time.perf_counter(), live, huge_bytes
