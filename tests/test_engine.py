@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -567,3 +568,69 @@ async def test_layer_seconds_exclude_waiting_for_the_callback(ckpt: Path) -> Non
         ckpt, params([SimulatedGPU("sim:0", total_bytes=2**30)]), on_event=on_event
     )
     assert max(e.seconds for e in placed) < 0.15
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+async def test_units_bound_for_host_memory_are_read_ahead_of_a_slow_callback(
+    ckpt: Path, target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a callback holds ``LayerPlaced`` of layer 0, the CPU layers after it are
+    allocated and read (two being read, one more waiting to be placed); a GPU layer waits until
+    the unit two before it is placed, so its recheck sees what the callback did."""
+    allocated: list[int | None] = []
+    allocate = engine._Load._allocate_sync
+
+    def recording(self: Any, unit: Any, device: Any, live: int) -> Any:
+        allocated.append(unit.layer)
+        return allocate(self, unit, device, live)
+
+    monkeypatch.setattr(engine._Load, "_allocate_sync", recording)
+    seen: list[list[int | None]] = []
+
+    async def on_event(event: Event) -> None:
+        if isinstance(event, LayerPlaced) and event.layer == 0:
+            await anyio.sleep(0.3)  # far longer than reading a few tiny layers
+            seen.append(list(allocated))
+
+    device: Any = "cpu" if target == "cpu" else SimulatedGPU("sim:0", total_bytes=2**30)
+    model = await streamload.load(ckpt, params([device]), on_event=on_event)
+    assert_identical(model.tensors, reference(ckpt), None)
+    parts = len(allocated) - LAYERS
+    assert [None] * parts + list(range(LAYERS)) == allocated
+    # Layer 0 is unit ``parts``: placed units are ``parts``, the callback holds one more.
+    ahead = len(seen[0]) - (parts + 1)
+    assert ahead == (2 if target == "cpu" else 1)
+
+
+async def test_cancelling_stops_a_lane_of_reads_between_chunks(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane reads its share of a unit's chunks in one worker thread; cancelling the load
+    stops every lane after the chunk it is reading, releases everything and closes the files
+    (without the check between chunks, the lanes would read their whole share first)."""
+    reads = 0
+    started = threading.Event()
+    read_direct = engine._Load._read_direct
+
+    def slow(files: Any, chunk: Any) -> None:
+        nonlocal reads
+        reads += 1
+        if reads == 4:
+            started.set()
+        time.sleep(0.005)
+        read_direct(files, chunk)
+
+    monkeypatch.setattr(engine._Load, "_read_direct", staticmethod(slow))
+    p = params(["cpu"], chunk_bytes=512, reader_threads=4)
+    entries = streamload.inspect(ckpt).checkpoint.tensors.values()
+    total = sum(-(-entry.nbytes // 512) for entry in entries)
+    async with anyio.create_task_group() as group:
+
+        async def run() -> None:
+            await streamload.load(ckpt, p)
+
+        group.start_soon(run)
+        await anyio.to_thread.run_sync(started.wait)
+        group.cancel_scope.cancel()
+    assert reads < 4 + 2 * 4 < total  # the chunk each lane was reading, at most
+    assert [] == open_fds_under(ckpt)
