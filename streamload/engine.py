@@ -142,9 +142,8 @@ class _Piece:
     dst: torch.Tensor  # uint8 view of the destination (raw) bytes
     at: int  # offset inside the chunk
     tensor: str
-    # Fault the host destination in before the read/copy (``_hostmem.prefault``): worth it for
-    # 4 KiB pages (one fault per page inside the copy otherwise), not for huge pages, which the
-    # copy faults in 2 MiB at a time, each zeroed page still in cache when the copy writes it.
+    # Fault the host destination in before the read/copy: 4 KiB pages only (``_hostmem.prefault``
+    # says why not huge pages).
     prefault: bool = True
 
 
@@ -690,7 +689,7 @@ class _Load:
             return False
         reading = sum(1 for flight in self.inflight if not flight.done.is_set())
         raw = sum(flight.raw_bytes for flight in self.inflight) + self._raw_bytes(unit)
-        return reading < 2 and (raw == 0 or raw <= self.scratch)
+        return reading < 2 and raw <= self.scratch
 
     def _progress(self) -> None:
         """Wake ``_stream`` to look at its window again (a unit was read or placed)."""
