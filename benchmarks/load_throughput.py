@@ -28,6 +28,11 @@ file pages a loader maps transiently), and ``user_s``, ``sys_s``, ``minor_faults
 load call, every thread included (CPU seconds move less than wall seconds on a shared machine).
 A simulated GPU's memory is host memory, so it counts as placed. A method that fails reports
 ``{"error": reason}`` instead of figures.
+
+streamload's loads also run a second time each round, with a 1 ms heartbeat task on their
+event loop, for ``worst_loop_gap_ms`` (the worst gap between its wake-ups): a heartbeat's
+wake-ups cost CPU and hand the GIL back and forth with the reader threads, so the throughput
+runs of every method go without one.
 """
 
 from __future__ import annotations
@@ -151,9 +156,13 @@ def warm(directory: Path) -> None:
 # --- one run, in the child process -------------------------------------------------------
 
 
-def run_one(name: str, directory: Path, prime_bytes: int = 0) -> dict[str, Any]:
-    """Run method ``name`` once in this process and measure it (see the module docstring)."""
+def run_one(
+    name: str, directory: Path, prime_bytes: int = 0, stall: bool = False
+) -> dict[str, Any]:
+    """Run method ``name`` once in this process and measure it (see the module docstring);
+    with ``stall``, its heartbeat run (``Method.stall``) instead."""
     method = METHODS[name]
+    run = method.stall if stall and method.stall is not None else method.run
     # Import what the method needs first, so the baseline includes the libraries.
     for module in ("torch", *method.imports):
         importlib.import_module(module)
@@ -164,7 +173,7 @@ def run_one(name: str, directory: Path, prime_bytes: int = 0) -> dict[str, Any]:
     with procfs.AnonPeak() as anon:
         base_anon = anon.peak
         before = resource.getrusage(resource.RUSAGE_SELF)
-        loaded = method.run(directory)
+        loaded = run(directory)
         after = resource.getrusage(resource.RUSAGE_SELF)
     peak = procfs.peak_rss_bytes()
     file_growth = procfs.status_bytes("RssFile") - base_file
@@ -195,10 +204,10 @@ def run_one(name: str, directory: Path, prime_bytes: int = 0) -> dict[str, Any]:
     return result
 
 
-def child(name: str, directory: Path, prime_bytes: int = 0) -> dict[str, Any]:
+def child(name: str, directory: Path, prime_bytes: int = 0, stall: bool = False) -> dict[str, Any]:
     """``run_one``, with a failure reported as ``{"error": reason}`` (paths left out)."""
     try:
-        return run_one(name, directory, prime_bytes)
+        return run_one(name, directory, prime_bytes, stall)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         for path in {str(directory.resolve()), str(directory)}:
@@ -210,12 +219,15 @@ def child(name: str, directory: Path, prime_bytes: int = 0) -> dict[str, Any]:
 # --- the driver ----------------------------------------------------------------------------
 
 
-def spawn(name: str, directory: Path, timeout: float, prime_bytes: int = 0) -> dict[str, Any]:
+def spawn(
+    name: str, directory: Path, timeout: float, prime_bytes: int = 0, stall: bool = False
+) -> dict[str, Any]:
     """Run one method in a fresh process; a crash or a timeout is an error, not an exception."""
     env = dict(os.environ, **dict(METHODS[name].env)) if name in METHODS else dict(os.environ)
     command = [sys.executable, "-m", "benchmarks.load_throughput", "--child", name]
     command += ["--dir", str(directory.resolve())]
     command += ["--prime-bytes", str(prime_bytes)]
+    command += ["--stall"] if stall else []
     try:
         out = subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
@@ -245,17 +257,31 @@ def measure(
     timeout: float = DEFAULT_TIMEOUT,
     prime: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Every method once per round, in alternating order; the raw per-run results."""
+    """Every method once per round, in alternating order; the raw per-run results. A method
+    with a heartbeat run (``Method.stall``) has it right after its load, under the same
+    conditions; its worst loop gap joins that round's result (``stall_error`` if it failed)."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     prime_bytes = 2 * checkpoint_bytes(directory) + PRIME_EXTRA if prime else 0
+
+    def one(name: str, stall: bool = False) -> dict[str, Any]:
+        if cold:
+            evict(directory)
+        else:
+            warm(directory)
+        return spawn(name, directory, timeout, prime_bytes, stall)
+
     for r in range(rounds):
         order = methods if r % 2 == 0 else list(reversed(methods))
         for name in order:
-            if cold:
-                evict(directory)
-            else:
-                warm(directory)
-            runs[name].append(spawn(name, directory, timeout, prime_bytes))
+            result = one(name)
+            if "error" not in result and name in METHODS and METHODS[name].stall is not None:
+                stall = one(name, stall=True)
+                if "error" in stall:
+                    result["stall_error"] = stall["error"]
+                else:
+                    for key in ("worst_loop_gap_ms", "worst_loop_gap_at_s"):
+                        result[key] = stall[key]
+            runs[name].append(result)
     return runs
 
 
@@ -348,6 +374,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prime-bytes", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path)
     p.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
+    p.add_argument("--stall", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -355,7 +382,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.dir, args.prime_bytes)))
+        print(json.dumps(child(args.child, args.dir, args.prime_bytes, args.stall)))
         return 0
     if args.write_only:
         ensure_checkpoint(args.dir, args.size_gb)

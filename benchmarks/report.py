@@ -178,7 +178,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         *load_table(load),
         *sim_line(load),
-        "**Event loop** — worst gap between 1 ms heartbeats on the loop during a load:",
+        "**Event loop** — worst gap between 1 ms heartbeats on the loop during a load (a second "
+        "run of the same load each round: the throughput runs have no heartbeat):",
         "",
         *stall_table(load),
     ]

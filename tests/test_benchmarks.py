@@ -121,3 +121,49 @@ def test_priming_gives_the_memory_back_and_the_peak_is_reset() -> None:
     procfs.reset_peak_rss()
 
     assert procfs.peak_rss_bytes() < before + 64 * 2**20
+
+
+def test_the_heartbeat_runs_apart_from_the_throughput_run(checkpoint: Path) -> None:
+    plain = load_throughput.run_one("streamload-cpu", checkpoint)
+    beating = load_throughput.run_one("streamload-cpu", checkpoint, stall=True)
+
+    assert "worst_loop_gap_ms" not in plain
+    assert beating["worst_loop_gap_ms"] >= 1.0  # at least one 1 ms sleep was measured
+    assert plain["placed_bytes"] == beating["placed_bytes"] == plain["bytes"]
+
+
+def test_a_round_takes_the_stall_from_its_heartbeat_run_or_reports_why_not(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[tuple[str, bool]] = []
+    ok: dict[str, Any] = {"gb_per_s": 2.0, "seconds": 1.0, "mapped_bytes": 0}
+
+    def fake_spawn(
+        name: str, directory: Path, timeout: float, prime_bytes: int = 0, stall: bool = False
+    ) -> dict[str, Any]:
+        calls.append((name, stall))
+        if stall and len(calls) > 3:
+            return {"error": "exit status 1: boom"}
+        return {**ok, "worst_loop_gap_ms": 7.0, "worst_loop_gap_at_s": 0.5} if stall else {**ok}
+
+    monkeypatch.setattr(load_throughput, "spawn", fake_spawn)
+    monkeypatch.setattr(load_throughput, "warm", lambda directory: None)
+    monkeypatch.setattr(load_throughput, "checkpoint_bytes", lambda directory: 0)
+
+    runs = load_throughput.measure(tmp_path, ["disk", "streamload-cpu"], rounds=2, cold=False)
+
+    # disk has no heartbeat run; streamload-cpu's follows its load, in each round's order.
+    assert [
+        ("disk", False),
+        ("streamload-cpu", False),
+        ("streamload-cpu", True),
+        ("streamload-cpu", False),
+        ("streamload-cpu", True),
+        ("disk", False),
+    ] == calls
+    first, second = runs["streamload-cpu"]
+    assert 7.0 == first["worst_loop_gap_ms"]
+    assert "stall_error" not in first
+    assert "worst_loop_gap_ms" not in second
+    assert "exit status 1: boom" == second["stall_error"]
+    assert all("worst_loop_gap_ms" not in r for r in runs["disk"])
