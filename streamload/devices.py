@@ -22,6 +22,7 @@ a missing NVML library or driver means "no NVML", never an error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import threading
@@ -207,16 +208,17 @@ def _stat_field(path: Path, field: str) -> int:
     return 0 if match is None else int(match.group(1))
 
 
-def _own_cgroup_dirs(fs_root: Path, self_cgroup: Path) -> list[Path]:
-    """This process's cgroup directories (v2 unified, v1 memory), innermost first, each
-    followed by its ancestors up to the mount root; the mount root alone where the process's
-    path is not visible (a container without a cgroup namespace)."""
-    try:
-        lines = self_cgroup.read_text().splitlines()
-    except OSError:
-        lines = []
+@functools.lru_cache(maxsize=8)
+def _cgroup_levels(fs_root: Path, self_cgroup_text: str) -> tuple[tuple[Path, bool], ...]:
+    """This process's memory cgroup directories (v2 unified, v1 memory) as listed in
+    ``/proc/self/cgroup`` (its text given), innermost first, each followed by its ancestors up
+    to the mount root; the mount root alone where the process's path is not visible (a
+    container without a cgroup namespace). Each comes with whether it speaks v2
+    (``memory.max``). Cached per cgroup path: finding the directories costs more than reading
+    their limits, which are read afresh on every call (a limit can change under a process;
+    the directories of the cgroup it is in cannot)."""
     dirs: list[Path] = []
-    for line in lines:
+    for line in self_cgroup_text.splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
@@ -230,7 +232,7 @@ def _own_cgroup_dirs(fs_root: Path, self_cgroup: Path) -> list[Path]:
         own = root / path.lstrip("/")
         start = own if own.is_dir() else root
         dirs.extend([start, *[p for p in start.parents if p.is_relative_to(root)]])
-    return dirs
+    return tuple((d, (d / "memory.max").exists() or (d / "memory.current").exists()) for d in dirs)
 
 
 def _cgroup_limits(fs_root: Path, self_cgroup: Path) -> tuple[int | None, int | None]:
@@ -239,19 +241,22 @@ def _cgroup_limits(fs_root: Path, self_cgroup: Path) -> tuple[int | None, int | 
     Headroom is ``limit - (usage - inactive_file)``: reclaimable page cache does not count as
     used (the kubelet's working set), so reading a checkpoint does not shrink it.
     """
+    try:
+        text = self_cgroup.read_text()
+    except OSError:
+        text = ""
     limit: int | None = None
     headroom: int | None = None
-    for directory in _own_cgroup_dirs(fs_root, self_cgroup):
-        if (directory / "memory.max").exists() or (directory / "memory.current").exists():
-            cap = _read_int(directory / "memory.max")
-            usage = _read_int(directory / "memory.current")
-            inactive = _stat_field(directory / "memory.stat", "inactive_file")
-        else:
-            cap = _read_int(directory / "memory.limit_in_bytes")
-            usage = _read_int(directory / "memory.usage_in_bytes")
-            inactive = _stat_field(directory / "memory.stat", "total_inactive_file")
-        if cap is None or cap >= _UNLIMITED or usage is None:
+    for directory, v2 in _cgroup_levels(fs_root, text):
+        cap = _read_int(directory / ("memory.max" if v2 else "memory.limit_in_bytes"))
+        if cap is None or cap >= _UNLIMITED:
+            continue  # no limit at this level: its usage is not read (memory.stat is costly)
+        usage = _read_int(directory / ("memory.current" if v2 else "memory.usage_in_bytes"))
+        if usage is None:
             continue
+        inactive = _stat_field(
+            directory / "memory.stat", "inactive_file" if v2 else "total_inactive_file"
+        )
         room = max(cap - max(usage - inactive, 0), 0)
         limit = cap if limit is None else min(limit, cap)
         headroom = room if headroom is None else min(headroom, room)

@@ -482,6 +482,27 @@ def test_cgroup_path_hidden_uses_mount_root(tmp_path: Path) -> None:
     assert (GiB, 2 * GiB) == host(tmp_path, files, "0::/docker/abc\n")
 
 
+def test_cgroup_limits_and_usage_are_read_afresh_on_every_call(tmp_path: Path) -> None:
+    """Where the process's cgroup directories are is found once; a limit set, changed or
+    lifted later, and usage that grows, show on the next reading."""
+    files = {
+        "fs/cgroup.controllers": "memory\n",
+        "fs/job/memory.max": "max\n",
+        "fs/job/memory.current": f"{GiB}\n",
+    }
+    unlimited = (20000000 * 1024, 32000000 * 1024)
+    assert unlimited == host(tmp_path, files, "0::/job\n")
+
+    files["fs/job/memory.max"] = f"{4 * GiB}\n"
+    assert (3 * GiB, 4 * GiB) == host(tmp_path, files, "0::/job\n")
+
+    files["fs/job/memory.current"] = f"{3 * GiB}\n"
+    assert (GiB, 4 * GiB) == host(tmp_path, files, "0::/job\n")
+
+    files["fs/job/memory.max"] = "max\n"
+    assert unlimited == host(tmp_path, files, "0::/job\n")
+
+
 def test_meminfo_missing_falls_back_to_sysconf(tmp_path: Path) -> None:
     """Without ``/proc/meminfo`` the host's page counts from ``os.sysconf`` are used."""
     paths = {
