@@ -602,6 +602,38 @@ async def test_units_bound_for_host_memory_are_read_ahead_of_a_slow_callback(
     assert ahead == (2 if target == "cpu" else 1)
 
 
+@pytest.mark.parametrize("reader_threads", [3, 8])
+def test_worker_threads_are_started_before_the_first_read(
+    ckpt: Path, reader_threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Thread.start`` holds the event loop until the new thread runs, which takes
+    milliseconds once the CPUs are busy reading: every worker thread a load uses is started
+    before its first read (a fresh event loop, so anyio's pool starts empty)."""
+    order: list[str] = []
+    start = threading.Thread.start
+
+    def recording_start(self: threading.Thread) -> None:
+        order.append("start")
+        start(self)
+
+    read_direct = engine._Load._read_direct
+
+    def recording_read(files: Any, chunk: Any) -> None:
+        order.append("read")
+        read_direct(files, chunk)
+
+    monkeypatch.setattr(threading.Thread, "start", recording_start)
+    monkeypatch.setattr(engine._Load, "_read_direct", staticmethod(recording_read))
+
+    load_params = params(["cpu"], reader_threads=reader_threads)
+    model = anyio.run(lambda: streamload.load(ckpt, load_params))
+
+    assert_identical(model.tensors, reference(ckpt), None)
+    first = order.index("read")
+    assert order.count("start") >= reader_threads // 2  # the lanes of the first unit at least
+    assert "start" not in order[first:]
+
+
 async def test_cancelling_stops_a_lane_of_reads_between_chunks(
     ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
