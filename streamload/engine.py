@@ -1076,10 +1076,10 @@ async def _start_workers(count: int) -> None:
 
     anyio starts a worker thread the first time every existing one is busy, and
     ``Thread.start`` holds the event loop until the new thread runs. Started mid-load, with
-    the CPUs busy copying, that took 5-18 ms per thread on 2 CPUs (the loop dispatched no
-    reads meanwhile); started here, on idle CPUs, well under 1 ms. ``count`` calls that are
-    all in flight at once need ``count`` threads; threads already idle in the pool are used
-    as they are (anyio retires a thread after 10 s idle).
+    the CPUs busy copying, that took 4-16 ms per thread on 2 CPUs (37-53 ms per warm 3 GB
+    load, in which the loop dispatched no reads); started here, on idle CPUs, 0.2-0.3 ms.
+    ``count`` calls that are all in flight at once need ``count`` threads; threads already
+    idle in the pool are used as they are (anyio retires a thread after 10 s idle).
     """
     async with anyio.create_task_group() as group:
         for _ in range(count):
