@@ -897,7 +897,7 @@ class _Load:
             async with anyio.create_task_group() as group:
                 if flight.device.staged:
                     for chunk in flight.chunks:
-                        group.start_soon(self._chunk, flight, chunk)
+                        group.start_soon(self._staged_chunk, flight, chunk)
                 else:
                     lanes = max(1, self.params.reader_threads // 2)
                     for lane in range(min(lanes, len(flight.chunks))):
@@ -909,12 +909,9 @@ class _Load:
             flight.done.set()
             self._progress()
 
-    async def _chunk(self, flight: _InFlight, chunk: _Chunk) -> None:
+    async def _staged_chunk(self, flight: _InFlight, chunk: _Chunk) -> None:
         files = self.files
         assert files is not None
-        if not flight.device.staged:
-            await anyio.to_thread.run_sync(self._read_direct, files, chunk, limiter=self.limiter)
-            return
         ring = await self._ring(flight.device)
         slot = await ring.acquire()
         try:
