@@ -82,20 +82,40 @@ def huge_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
     return area, offset
 
 
-def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A new uninitialised host tensor whose whole 2 MiB stretches are transparent huge pages.
+CACHE_LINE = 64
 
-    Tensors of at least 2 MiB get a mapping of their own (``huge_mapping``). The tensor's
-    storage is exactly its bytes (``torch.frombuffer``) and holds the mapping, which is
-    unmapped when the last tensor sharing the storage is freed. Smaller tensors, and platforms
-    without ``madvise``, get ``torch.empty``.
+
+def empty(
+    shape: tuple[int, ...], dtype: torch.dtype, *, huge_pages: bool = True, lead: int = 0
+) -> torch.Tensor:
+    """A new uninitialised host tensor, optionally in transparent huge pages and starting
+    ``lead`` bytes past a cache-line (64-byte) boundary.
+
+    ``huge_pages``: a tensor of at least 2 MiB gets a mapping of its own (``huge_mapping``)
+    whose whole 2 MiB stretches are huge pages; its storage is exactly its bytes
+    (``torch.frombuffer``) and holds the mapping, which is unmapped when the last tensor
+    sharing the storage is freed. Smaller tensors, platforms without ``madvise`` and
+    ``huge_pages=False`` get ``torch.empty``.
+
+    ``lead`` (0-63, a multiple of the dtype's size): give the data the same position within a
+    cache line as the file bytes it will be read from (their offset modulo 64). The kernel's
+    copy out of the page cache then runs with source and destination co-aligned: measured
+    8.4-8.7 GB/s misaligned against 10.6-11.1 GB/s co-aligned (one thread, 16 MiB ``preadv``
+    into pre-faulted memory, safetensors data 56 bytes past a cache line). A ``torch.empty``
+    tensor with a lead sits ``lead`` bytes into a storage ``lead`` bytes longer (its
+    ``storage_offset`` says so); a mapped one starts there. Data pointers are then aligned to
+    the dtype's size (at least) rather than to 64 bytes.
     """
+    if not 0 <= lead < CACHE_LINE or lead % dtype.itemsize:
+        raise ValueError(f"lead must be in [0, 64) and a multiple of {dtype.itemsize}: {lead}")
     nbytes = math.prod(shape) * dtype.itemsize
-    if _libc is None or nbytes < HUGE_PAGE:
+    if huge_pages and _libc is not None and nbytes >= HUGE_PAGE:
+        area, offset = huge_mapping(nbytes + lead)
+        flat = torch.frombuffer(area, dtype=torch.uint8, count=nbytes, offset=offset + lead)
+        return flat.view(dtype).view(shape)
+    if not lead:
         return torch.empty(shape, dtype=dtype)
-    area, offset = huge_mapping(nbytes)
-    flat = torch.frombuffer(area, dtype=torch.uint8, count=nbytes, offset=offset)
-    return flat.view(dtype).view(shape)
+    return torch.empty(nbytes + lead, dtype=torch.uint8)[lead:].view(dtype).view(shape)
 
 
 class _CachestatRange(ctypes.Structure):
@@ -216,6 +236,7 @@ def huge_pages_available() -> bool:
 
 
 __all__ = [
+    "CACHE_LINE",
     "HUGE_PAGE",
     "PAGE",
     "cached_bytes",

@@ -20,14 +20,15 @@ unit:
    the stored dtype. ``torch.OutOfMemoryError`` frees the unit's buffers and re-plans too.
 3. *Read*: runs of adjacent tensors are cut into chunks of ``params.chunk_bytes``. Staged devices
    (CUDA, ``SimulatedGPU``) read each chunk into a slot of a host staging ring (pinned on CUDA;
-   ``params.staging_bytes`` in all, independent of the model's size), at its file offset's
-   position modulo 64 bytes (chunks 64 bytes shorter make room), and copy it to the device;
-   a slot is refilled only after its copy's fence completes. Unstaged devices (the CPU) are read
-   into directly with ``os.preadv``, in up to ``reader_threads // 2`` lanes per unit, each a
-   worker thread reading its share of the chunks in turn (one event-loop round trip per lane,
-   not per chunk; cancellation is checked between chunks). CPU layers under
-   ``cpu_policy="mmap"`` that keep their stored dtype are memory-mapped from the checkpoint
-   instead (copy-on-write, zero copy).
+   ``params.staging_bytes`` in all, independent of the model's size), at its file offset's position
+   modulo 64 bytes (chunks 64 bytes shorter make room), and copy it to the device; a slot is
+   refilled only after its copy's fence completes. Unstaged devices (the CPU) are read into directly
+   with ``os.preadv`` (CPU tensors start at their file bytes' position modulo 64,
+   ``_hostmem.empty``, so that copy runs co-aligned too), in up to ``reader_threads // 2`` lanes per
+   unit, each a worker thread reading its share of the chunks in turn (one event-loop round trip per
+   lane, not per chunk; cancellation is checked between chunks). CPU layers under
+   ``cpu_policy="mmap"`` that keep their stored dtype are memory-mapped from the checkpoint instead
+   (copy-on-write, zero copy).
 4. *Finish*: wait the unit's fences, convert raw buffers into the final tensors on the
    destination device, free the raw buffers, emit ``LayerPlaced``.
 
@@ -62,7 +63,14 @@ import torch
 
 from streamload import _hostmem, planner
 from streamload.checkpoint import TensorEntry
-from streamload.devices import RESERVATIONS, Device, Fence, ledger_key, resolve_devices
+from streamload.devices import (
+    RESERVATIONS,
+    CpuDevice,
+    Device,
+    Fence,
+    ledger_key,
+    resolve_devices,
+)
 from streamload.errors import (
     CheckpointError,
     LoadError,
@@ -788,19 +796,33 @@ class _Load:
         if huge:
             host_empty: Callable[..., torch.Tensor] = device.empty  # takes huge_pages
             empty = functools.partial(host_empty, huge_pages=True)
+        # Read destinations on the CPU start at their file bytes' position in a cache line, so
+        # the kernel's copy runs co-aligned (``_hostmem.empty``). A GPU's tensors (simulated
+        # ones too) are placed by its allocator and filled from the staging ring.
+        coalign = isinstance(device, CpuDevice)
         huge_bytes = 0
+
+        def destination(entry: TensorEntry, stored: torch.dtype) -> torch.Tensor:
+            lead = entry.offset % _hostmem.CACHE_LINE if coalign else 0
+            if lead % stored.itemsize:
+                lead = 0
+            if not lead:
+                return empty(entry.shape, stored)
+            with_lead: Callable[..., torch.Tensor] = empty  # CpuDevice.empty takes lead
+            return with_lead(entry.shape, stored, lead=lead)
+
         try:
             for entry in unit.entries:
                 stored = torch_dtype(entry.dtype)
                 if self._converts(entry):
                     final[entry.name] = empty(entry.shape, torch_dtype(self._placed(entry)))
-                    raw[entry.name] = empty(entry.shape, stored)
+                    raw[entry.name] = destination(entry, stored)
                     items.append((entry, _byte_view(raw[entry.name])))
                 elif mmap_ok:
                     final[entry.name] = self._mmap(entry, stored)
                     continue
                 else:
-                    final[entry.name] = empty(entry.shape, stored)
+                    final[entry.name] = destination(entry, stored)
                     items.append((entry, _byte_view(final[entry.name])))
                 if huge and final[entry.name].nbytes >= _hostmem.HUGE_PAGE:
                     huge_bytes += final[entry.name].nbytes

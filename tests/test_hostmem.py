@@ -83,6 +83,29 @@ def test_huge_tensors_behave_like_any_tensor() -> None:
     assert torch.equal(tensor, clone)
 
 
+@linux_only
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_empty_starts_the_data_at_the_lead_asked(huge_pages: bool) -> None:
+    nbytes = 5 * MiB + 12
+    tensor = _hostmem.empty((nbytes // 4,), torch.float32, huge_pages=huge_pages, lead=56)
+    start = tensor.data_ptr()
+    assert start % _hostmem.CACHE_LINE == 56
+    if huge_pages:
+        assert start % _hostmem.HUGE_PAGE == 56  # 56 bytes into a huge page
+        assert tensor.untyped_storage().nbytes() == nbytes
+        assert "hg" in _flags(start)
+    tensor.copy_(torch.arange(tensor.numel(), dtype=torch.float32))
+    assert float(tensor[-1]) == tensor.numel() - 1
+    assert tensor.is_contiguous()
+    assert _hostmem.empty((3,), torch.float32, lead=0).data_ptr() % 4 == 0
+
+
+@pytest.mark.parametrize("lead", [-8, 64, 2])
+def test_empty_refuses_a_lead_the_dtype_cannot_start_at(lead: int) -> None:
+    with pytest.raises(ValueError, match="lead"):
+        _hostmem.empty((16,), torch.float32, lead=lead)
+
+
 def _write(path: Path, nbytes: int) -> int:
     path.write_bytes(os.urandom(nbytes))
     fd = os.open(path, os.O_RDONLY)
@@ -170,6 +193,36 @@ async def test_huge_pages_on_and_off(big_ckpt: Path, setting: bool) -> None:
         assert model.report.huge_page_bytes == (
             sum(t.nbytes for t in big.values()) if setting else 0
         )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("setting", [True, False])
+async def test_cpu_destinations_start_where_their_file_bytes_do_in_a_cache_line(
+    big_ckpt: Path, setting: bool
+) -> None:
+    """Tensors read straight into CPU memory start at their file offset modulo 64 (the kernel's
+    copy out of the page cache then runs co-aligned), unless that position does not suit their
+    dtype; a simulated GPU's tensors are its allocator's."""
+    if setting and not _hostmem.huge_pages_available():
+        pytest.skip("transparent huge pages are off on this machine")
+    entries = streamload.inspect(big_ckpt).checkpoint.tensors
+    leads: list[int] = []
+    async with await streamload.load(big_ckpt, big_params(["cpu"], huge_pages=setting)) as model:
+        _assert_same(model.tensors, big_ckpt)
+        for name, tensor in model.tensors.items():
+            lead = entries[name].offset % 64
+            if tensor.nbytes and lead % tensor.element_size() == 0:
+                assert tensor.data_ptr() % 64 == lead, name
+                leads.append(lead)
+            else:
+                assert tensor.data_ptr() % tensor.element_size() == 0, name
+    assert any(leads), "the checkpoint has tensors off a cache-line boundary"
+    gpu = SimulatedGPU("sim:0", total_bytes=2**30, staged=False)
+    load = big_params([gpu], huge_pages=setting)
+    async with await streamload.load(big_ckpt, load) as model:
+        _assert_same(model.tensors, big_ckpt)
+        big = _big(model.tensors)
+        assert all(t.data_ptr() % 64 == 0 for t in big.values())
 
 
 @linux_only
