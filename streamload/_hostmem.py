@@ -61,6 +61,21 @@ def prefault(tensor: torch.Tensor) -> None:
     _libc.madvise(aligned, end - aligned, _MADV_POPULATE_WRITE)
 
 
+def _anonymous(length: int) -> mmap.mmap:
+    try:
+        return mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:
+            raise torch.OutOfMemoryError(f"cpu: cannot map {length} bytes: {exc}") from exc
+        raise
+
+
+def huge_stretches(nbytes: int) -> int:
+    """Bytes of a ``huge_mapping`` of ``nbytes`` advised into huge pages: its whole 2 MiB
+    stretches (none under 2 MiB)."""
+    return nbytes - nbytes % HUGE_PAGE
+
+
 def huge_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
     """A private anonymous mapping with room for ``nbytes`` starting at a 2 MiB boundary, and
     that start's offset in it; the whole 2 MiB stretches from there are advised
@@ -68,54 +83,102 @@ def huge_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
     ``nbytes``; the unused lead is never touched). Advice the kernel refuses (THP ``never``, no
     ``madvise``) leaves ordinary pages. ``torch.OutOfMemoryError`` when the kernel refuses the
     mapping."""
-    length = nbytes + (-nbytes) % PAGE + HUGE_PAGE
-    try:
-        area = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except OSError as exc:
-        if exc.errno == errno.ENOMEM:
-            raise torch.OutOfMemoryError(f"cpu: cannot map {nbytes} bytes: {exc}") from exc
-        raise
+    area = _anonymous(nbytes + (-nbytes) % PAGE + HUGE_PAGE)
     base = torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr()
     offset = -base % HUGE_PAGE
     if _libc is not None and nbytes >= HUGE_PAGE:
-        _libc.madvise(base + offset, nbytes - nbytes % HUGE_PAGE, _MADV_HUGEPAGE)
+        _libc.madvise(base + offset, huge_stretches(nbytes), _MADV_HUGEPAGE)
     return area, offset
 
 
 CACHE_LINE = 64
 
 
-def empty(
-    shape: tuple[int, ...], dtype: torch.dtype, *, huge_pages: bool = True, lead: int = 0
-) -> torch.Tensor:
-    """A new uninitialised host tensor, optionally in transparent huge pages and starting
-    ``lead`` bytes past a cache-line (64-byte) boundary.
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new uninitialised host tensor whose whole 2 MiB stretches are transparent huge pages.
 
-    ``huge_pages``: a tensor of at least 2 MiB gets a mapping of its own (``huge_mapping``)
-    whose whole 2 MiB stretches are huge pages; its storage is exactly its bytes
-    (``torch.frombuffer``) and holds the mapping, which is unmapped when the last tensor
-    sharing the storage is freed. Smaller tensors, platforms without ``madvise`` and
-    ``huge_pages=False`` get ``torch.empty``.
-
-    ``lead`` (0-63, a multiple of the dtype's size): give the data the same position within a
-    cache line as the file bytes it will be read from (their offset modulo 64). The kernel's
-    copy out of the page cache then runs with source and destination co-aligned: measured
-    8.4-8.7 GB/s misaligned against 10.6-11.1 GB/s co-aligned (one thread, 16 MiB ``preadv``
-    into pre-faulted memory, safetensors data 56 bytes past a cache line). A ``torch.empty``
-    tensor with a lead sits ``lead`` bytes into a storage ``lead`` bytes longer (its
-    ``storage_offset`` says so); a mapped one starts there. Data pointers are then aligned to
-    the dtype's size (at least) rather than to 64 bytes.
+    Tensors of at least 2 MiB get a mapping of their own (``huge_mapping``). The tensor's
+    storage is exactly its bytes (``torch.frombuffer``) and holds the mapping, which is
+    unmapped when the last tensor sharing the storage is freed. Smaller tensors, and platforms
+    without ``madvise``, get ``torch.empty``.
     """
-    if not 0 <= lead < CACHE_LINE or lead % dtype.itemsize:
-        raise ValueError(f"lead must be in [0, 64) and a multiple of {dtype.itemsize}: {lead}")
     nbytes = math.prod(shape) * dtype.itemsize
-    if huge_pages and _libc is not None and nbytes >= HUGE_PAGE:
-        area, offset = huge_mapping(nbytes + lead)
-        flat = torch.frombuffer(area, dtype=torch.uint8, count=nbytes, offset=offset + lead)
-        return flat.view(dtype).view(shape)
-    if not lead:
+    if _libc is None or nbytes < HUGE_PAGE:
         return torch.empty(shape, dtype=dtype)
-    return torch.empty(nbytes + lead, dtype=torch.uint8)[lead:].view(dtype).view(shape)
+    area, offset = huge_mapping(nbytes)
+    flat = torch.frombuffer(area, dtype=torch.uint8, count=nbytes, offset=offset)
+    return flat.view(dtype).view(shape)
+
+
+def lead(offset: int, dtype: torch.dtype) -> int:
+    """Where in a cache line a destination read from file ``offset`` should start: the same
+    position (``offset % 64``), or 0 when that position does not suit ``dtype``."""
+    position = offset % CACHE_LINE
+    return position if position % dtype.itemsize == 0 else 0
+
+
+def pack(runs: Sequence[tuple[int, int]]) -> tuple[list[int], int]:
+    """Positions for ``(nbytes, lead)`` runs laid one after another, each starting ``lead``
+    bytes past a cache-line boundary (at most 63 bytes of padding before it), and the bytes
+    they span in all."""
+    positions = []
+    end = 0
+    for nbytes, at in runs:
+        end += (at - end) % CACHE_LINE
+        positions.append(end)
+        end += nbytes
+    return positions, end
+
+
+class HostBlock:
+    """One private anonymous mapping that a load lays a unit's host tensors out in.
+
+    With ``huge_pages``, the data starts at a 2 MiB boundary and its whole 2 MiB stretches are
+    advised ``MADV_HUGEPAGE`` (``huge_bytes`` of them; the tail stays in 4 KiB pages). Why one
+    mapping per unit rather than per tensor: every ``mmap`` and ``madvise`` takes the process's
+    ``mmap_lock`` for writing, and the first fault in a new mapping needs it to set the mapping
+    up, so per-tensor mappings made while reader threads fault in earlier tensors left those
+    readers queued on the lock: 136-184 ms of idle CPU in a 0.8-1.2 s warm load of 201 tensors
+    on 2 CPUs (``perf`` on ``sched_switch``). The block's first page is touched here, on the
+    allocating thread, so the readers' faults find the mapping set up.
+
+    Tensors from ``tensor`` are views of the mapping (each storage exactly its bytes); it is
+    unmapped when the last of them is freed, so a unit's memory returns as a whole.
+    ``torch.OutOfMemoryError`` when the kernel refuses the mapping.
+    """
+
+    __slots__ = ("_area", "_start", "huge_bytes", "nbytes")
+
+    def __init__(self, nbytes: int, *, huge_pages: bool) -> None:
+        self.nbytes = nbytes
+        self.huge_bytes = 0
+        self._area: mmap.mmap | None = None
+        self._start = 0
+        if nbytes <= 0:
+            return
+        if huge_pages and _libc is not None and nbytes >= HUGE_PAGE:
+            self._area, self._start = huge_mapping(nbytes)
+            self.huge_bytes = huge_stretches(nbytes)
+        else:
+            self._area = _anonymous(nbytes + (-nbytes) % PAGE)
+        # The first fault, here rather than in a reader (``madvise`` through ctypes: the GIL
+        # is released while the kernel zeroes the page, up to 2 MiB of it).
+        address = torch.frombuffer(self._area, dtype=torch.uint8, count=1).data_ptr()
+        if _libc is None or _libc.madvise(address + self._start, PAGE, _MADV_POPULATE_WRITE):
+            self._area[self._start] = 0  # no MADV_POPULATE_WRITE (Linux < 5.14)
+
+    def tensor(self, at: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor over the block's bytes from ``at`` (``at`` a multiple of the dtype's
+        size; a tensor with no elements has storage of its own)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if self._area is None or at < 0 or at + nbytes > self.nbytes or at % dtype.itemsize:
+            raise ValueError(f"{nbytes} bytes at {at} do not fit a {self.nbytes}-byte block")
+        flat = torch.frombuffer(
+            self._area, dtype=torch.uint8, count=nbytes, offset=self._start + at
+        )
+        return flat.view(dtype).view(shape)
 
 
 class _CachestatRange(ctypes.Structure):
@@ -239,10 +302,14 @@ __all__ = [
     "CACHE_LINE",
     "HUGE_PAGE",
     "PAGE",
+    "HostBlock",
     "cached_bytes",
     "cached_fraction",
     "empty",
     "huge_mapping",
     "huge_pages_available",
+    "huge_stretches",
+    "lead",
+    "pack",
     "prefault",
 ]

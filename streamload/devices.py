@@ -392,23 +392,16 @@ class CpuDevice:
         return host_available_bytes()
 
     def empty(
-        self,
-        shape: tuple[int, ...],
-        dtype: torch.dtype,
-        *,
-        huge_pages: bool = False,
-        lead: int = 0,
+        self, shape: tuple[int, ...], dtype: torch.dtype, *, huge_pages: bool = False
     ) -> torch.Tensor:
         """``torch.empty`` on the CPU; the allocator's ENOMEM becomes ``torch.OutOfMemoryError``.
 
         ``huge_pages``: a tensor of at least 2 MiB gets a mapping of its own in transparent huge
-        pages instead. ``lead``: the data starts that many bytes past a 64-byte boundary, the
-        position of the file bytes it will be read from (``streamload._hostmem.empty`` says
-        why).
+        pages instead (``streamload._hostmem.empty``).
         """
         try:
-            if huge_pages or lead:
-                return _hostmem.empty(shape, dtype, huge_pages=huge_pages, lead=lead)
+            if huge_pages:
+                return _hostmem.empty(shape, dtype)
             return torch.empty(shape, dtype=dtype, device="cpu")
         except RuntimeError as exc:
             if _CPU_OOM not in str(exc):

@@ -114,8 +114,9 @@ class LoadReport:
     ``nbytes`` placed (target dtype); ``stored_bytes`` read from disk; ``seconds`` the whole
     load (inventory, planning and streaming); ``gb_per_s`` is ``stored_bytes / seconds / 1e9``.
     ``replans`` holds every ``Replanned`` event, ``fallbacks`` every ``PagedAttentionDisabled``.
-    ``staging_bytes`` is the staging ring's size; ``huge_page_bytes`` the placed host tensors
-    given transparent huge pages (``LoadParams.huge_pages``).
+    ``staging_bytes`` is the staging ring's size; ``huge_page_bytes`` the bytes of placed host
+    tensors in memory advised into transparent huge pages (whole 2 MiB stretches,
+    ``LoadParams.huge_pages``).
     """
 
     path: str

@@ -195,17 +195,18 @@ class LoadParams:
     8 or more. ``reader_threads`` reads run at once; ``chunk_bytes`` is the read size.
     ``max_replans`` bounds live re-plans during one load.
 
-    ``huge_pages`` decides whether host destinations (CPU tensors of at least 2 MiB that a load
-    reads into, under either CPU policy; a simulated GPU's memory, which is host memory too) get
-    transparent huge pages: ``True`` always, ``False`` never, ``"auto"`` (default) for each layer or
-    non-mapped part whose bytes are mostly (more than half, sampled) in the page cache when the load
-    reaches it, before its own read-ahead starts. Why: a warm load is bound by faulting in and
-    zeroing fresh pages plus one copy, and 2 MiB pages cut that ~500-fold in faults (measured ~1.7x
-    faster warm on a 3 GB checkpoint), while the same advice measured ~1.2-1.4x slower for loads
-    that wait on the disk. Each such tensor gets a mapping of its own, starting 2 MiB-aligned plus
-    its file bytes' position in a cache line (storage exactly its bytes, see
-    ``streamload._hostmem.empty``). With THP ``defrag`` at ``madvise`` the kernel may compact memory
-    to find huge pages; ``False`` avoids that; THP ``never`` turns it off.
+    ``huge_pages`` decides whether host destinations (the memory a load reads CPU tensors into,
+    under either CPU policy; a simulated GPU's tensors of at least 2 MiB, which are host memory too)
+    get transparent huge pages: ``True`` always, ``False`` never, ``"auto"`` (default) for each
+    layer or non-mapped part whose bytes are mostly (more than half, sampled) in the page cache when
+    the load reaches it, before its own read-ahead starts. Why: a warm load is bound by faulting in
+    and zeroing fresh pages plus one copy, and 2 MiB pages cut that ~500-fold in faults (measured
+    ~1.7x faster warm on a 3 GB checkpoint), while the same advice measured ~1.2-1.4x slower for
+    loads that wait on the disk. A unit's CPU tensors share one mapping whose whole 2 MiB stretches
+    get the advice (``streamload._hostmem.HostBlock``; each tensor's storage is exactly its bytes,
+    and the mapping goes when the last of them is freed); a simulated GPU's tensor gets a mapping of
+    its own (``streamload._hostmem.huge_mapping``). With THP ``defrag`` at ``madvise`` the kernel
+    may compact memory to find huge pages; ``False`` avoids that; THP ``never`` turns it off.
     """
 
     devices: Literal["auto"] | Sequence[str | Device] = field(default_factory=_default_devices)

@@ -83,27 +83,69 @@ def test_huge_tensors_behave_like_any_tensor() -> None:
     assert torch.equal(tensor, clone)
 
 
+def _huge_ranges() -> list[tuple[int, int]]:
+    """(start, end) of every mapping of this process advised into huge pages."""
+    ranges: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                current = (low, high)
+            elif head == "VmFlags:" and current is not None and "hg" in line.split()[1:]:
+                ranges.append(current)
+    return ranges
+
+
+def _in_huge(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> int:
+    """Bytes of ``tensor`` inside ``ranges``."""
+    start = tensor.data_ptr()
+    end = start + tensor.nbytes
+    return sum(max(0, min(end, high) - max(start, low)) for low, high in ranges)
+
+
+def test_pack_puts_each_run_at_its_lead_one_after_another() -> None:
+    positions, total = _hostmem.pack([(100, 56), (64, 36), (8, 36), (10, 0), (0, 8)])
+    assert positions == [56, 164, 228, 256, 328]
+    assert total == 328
+    assert _hostmem.pack([]) == ([], 0)
+    assert [_hostmem.lead(o, torch.float32) for o in (5240, 5244, 5246, 64)] == [56, 60, 0, 0]
+    assert _hostmem.lead(5243, torch.uint8) == 59
+
+
 @linux_only
 @pytest.mark.parametrize("huge_pages", [True, False])
-def test_empty_starts_the_data_at_the_lead_asked(huge_pages: bool) -> None:
-    nbytes = 5 * MiB + 12
-    tensor = _hostmem.empty((nbytes // 4,), torch.float32, huge_pages=huge_pages, lead=56)
-    start = tensor.data_ptr()
-    assert start % _hostmem.CACHE_LINE == 56
+def test_host_block_lays_tensors_out_in_one_mapping(huge_pages: bool) -> None:
+    if huge_pages and not _hostmem.huge_pages_available():
+        pytest.skip("transparent huge pages are off on this machine")
+    nbytes = 5 * MiB + 120
+    block = _hostmem.HostBlock(nbytes, huge_pages=huge_pages)
+    first = block.tensor(56, (MiB // 4,), torch.float32)
+    second = block.tensor(56 + MiB, ((4 * MiB + 64) // 2,), torch.bfloat16)
+    empty = block.tensor(nbytes, (0, 3), torch.float32)
+    assert first.data_ptr() % 64 == 56
+    assert second.data_ptr() == first.data_ptr() + MiB
+    assert first.untyped_storage().nbytes() == MiB  # each storage is exactly its bytes
+    assert empty.shape == (0, 3)
+    assert block.huge_bytes == (4 * MiB if huge_pages else 0)
+    start = first.data_ptr() - 56
     if huge_pages:
-        assert start % _hostmem.HUGE_PAGE == 56  # 56 bytes into a huge page
-        assert tensor.untyped_storage().nbytes() == nbytes
-        assert "hg" in _flags(start)
-    tensor.copy_(torch.arange(tensor.numel(), dtype=torch.float32))
-    assert float(tensor[-1]) == tensor.numel() - 1
-    assert tensor.is_contiguous()
-    assert _hostmem.empty((3,), torch.float32, lead=0).data_ptr() % 4 == 0
-
-
-@pytest.mark.parametrize("lead", [-8, 64, 2])
-def test_empty_refuses_a_lead_the_dtype_cannot_start_at(lead: int) -> None:
-    with pytest.raises(ValueError, match="lead"):
-        _hostmem.empty((16,), torch.float32, lead=lead)
+        assert start % _hostmem.HUGE_PAGE == 0
+    assert _in_huge(first, _huge_ranges()) == (MiB if huge_pages else 0)
+    first.copy_(torch.arange(first.numel(), dtype=torch.float32))
+    second.fill_(2.5)
+    assert float(first[-1]) == first.numel() - 1  # the two do not overlap
+    assert float(second[0]) == 2.5
+    for at, shape, dtype in [(nbytes - 4, (2,), torch.float32), (2, (4,), torch.float32)]:
+        with pytest.raises(ValueError, match="do not fit"):
+            block.tensor(at, shape, dtype)
+    del block, second, empty
+    gc.collect()
+    assert _mapping(start) is not None  # ``first`` still holds the mapping
+    del first
+    gc.collect()
+    assert _mapping(start) is None  # unmapped with its last tensor
 
 
 def _write(path: Path, nbytes: int) -> int:
@@ -190,9 +232,10 @@ async def test_huge_pages_on_and_off(big_ckpt: Path, setting: bool) -> None:
         big = _big(model.tensors)
         assert len(big) == LAYERS + 1
         assert all(_huge_advised(t) is setting for t in big.values())
-        assert model.report.huge_page_bytes == (
-            sum(t.nbytes for t in big.values()) if setting else 0
-        )
+        ranges = _huge_ranges()
+        in_huge = sum(_in_huge(t, ranges) for t in model.tensors.values())
+        assert model.report.huge_page_bytes == in_huge
+        assert (in_huge > sum(t.nbytes for t in big.values()) / 2) is setting
 
 
 @pytest.mark.anyio
@@ -282,10 +325,12 @@ async def test_auto_follows_the_page_cache_per_unit_before_read_ahead(
             big = model.tensors[f"model.layers.{i}.mlp.big"]
             assert _huge_advised(big) is (i not in cold_layers), i
         assert _huge_advised(model.tensors["model.embed_tokens.weight"])
-        warm = [
-            t for n, t in _big(model.tensors).items() if not any(f".{i}." in n for i in cold_layers)
-        ]
-        assert model.report.huge_page_bytes == sum(t.nbytes for t in warm)
+        ranges = _huge_ranges()
+        for name, tensor in model.tensors.items():
+            if any(f".{i}." in name for i in cold_layers):
+                assert _in_huge(tensor, ranges) == 0, name
+        in_huge = sum(_in_huge(t, ranges) for t in model.tensors.values())
+        assert model.report.huge_page_bytes == in_huge
     for kind, start in calls:
         if kind == "read-ahead":
             assert ("probe", start) in calls[: calls.index((kind, start))], start
@@ -348,7 +393,10 @@ async def test_simulated_gpu_memory_follows_the_same_rule(
         big = _big(model.tensors)
         assert len(big) == LAYERS + 1
         assert all(_huge_advised(t) is warm for t in big.values())
-        assert model.report.huge_page_bytes == (sum(t.nbytes for t in big.values()) if warm else 0)
+        ranges = _huge_ranges()
+        in_huge = sum(_in_huge(t, ranges) for t in model.tensors.values())
+        assert model.report.huge_page_bytes == in_huge
+        assert (in_huge > 0) is warm
         del big
     gc.collect()
     assert gpu.allocated_bytes == 0
@@ -361,8 +409,8 @@ async def test_simulated_gpu_memory_follows_the_same_rule(
 async def test_only_small_page_destinations_are_prefaulted(
     big_ckpt: Path, monkeypatch: pytest.MonkeyPatch, device: str, setting: bool
 ) -> None:
-    """Destinations in 4 KiB pages are faulted in before their read (one call instead of a
-    fault per page inside it); those in huge pages are left to the copy, 2 MiB a fault."""
+    """Destination bytes in 4 KiB pages are faulted in before their read (one call instead of
+    a fault per page inside it); those in huge pages are left to the copy, 2 MiB a fault."""
     if setting and not _hostmem.huge_pages_available():
         pytest.skip("transparent huge pages are off on this machine")
     faulted: list[tuple[int, int]] = []
@@ -383,10 +431,10 @@ async def test_only_small_page_destinations_are_prefaulted(
                 if start <= address < start + tensor.nbytes:
                     assert address + nbytes <= start + tensor.nbytes
                     covered[name] = covered.get(name, 0) + nbytes
-        big = _big(model.tensors)
-        small = {n: t.nbytes for n, t in model.tensors.items() if n not in big and t.nbytes}
-        expect = {**small, **({} if setting else {n: t.nbytes for n, t in big.items()})}
-        assert covered == expect
+        ranges = _huge_ranges()
+        expect = {n: t.nbytes - _in_huge(t, ranges) for n, t in model.tensors.items()}
+        assert covered == {n: b for n, b in expect.items() if b}
+        assert any(_in_huge(t, ranges) for t in model.tensors.values()) is setting
 
 
 def test_huge_pages_setting_is_checked() -> None:
