@@ -26,10 +26,11 @@ unit:
    modulo 64 bytes (chunks 64 bytes shorter make room), and copy it to the device; a slot is
    refilled only after its copy's fence completes. Unstaged devices (the CPU) are read into directly
    with ``os.preadv`` (CPU tensors start at their file bytes' position modulo 64, so that copy runs
-   co-aligned too), in up to ``reader_threads // 2`` lanes per unit, each a worker thread reading
-   its share of the chunks in turn (one event-loop round trip per lane, not per chunk; cancellation
-   is checked between chunks). CPU layers under ``cpu_policy="mmap"`` that keep their stored dtype
-   are memory-mapped from the checkpoint instead (copy-on-write, zero copy).
+   co-aligned too), by up to ``reader_threads // 2`` reader lanes for the whole load, each a worker
+   thread taking chunk after chunk from one queue in plan order, across unit boundaries, until it is
+   empty (``_ReadQueue``; cancellation is checked between chunks). CPU layers under
+   ``cpu_policy="mmap"`` that keep their stored dtype are memory-mapped from the checkpoint instead
+   (copy-on-write, zero copy).
 4. *Finish*: wait the unit's fences, convert raw buffers into the final tensors on the
    destination device, free the raw buffers, emit ``LayerPlaced``.
 
@@ -372,6 +373,7 @@ class _InFlight:
     fences: list[Fence] = field(default_factory=list)
     error: BaseException | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
+    pending: int = 0  # chunks queued for the reader lanes and not yet read (unstaged devices)
     filled: float = 0.0  # when the last read (and copy submission) finished
 
     def drop(self) -> None:
@@ -382,6 +384,55 @@ class _InFlight:
             chunk.pieces.clear()
         self.chunks.clear()
         self.fences.clear()
+
+
+class _ReadQueue:
+    """The chunks to read straight into host memory, in plan order, and the reader lanes
+    (worker threads) taking them.
+
+    Lanes are started as units are queued, up to ``lanes``, and each reads chunk after chunk,
+    across unit boundaries, until the queue is empty; then it ends (and gives its
+    ``CapacityLimiter`` token back). So a unit's last chunks and the next unit's first ones are
+    read side by side, with one event-loop round trip per lane run and per unit read instead of
+    one per lane and unit. Thread-safe.
+    """
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+        self._lock = threading.Lock()
+        self._work: deque[tuple[_InFlight, _Chunk]] = deque()
+        self._running = 0
+
+    def put(self, flight: _InFlight) -> int:
+        """Queue ``flight``'s chunks; returns how many lanes to start for them."""
+        with self._lock:
+            flight.pending = len(flight.chunks)
+            self._work.extend((flight, chunk) for chunk in flight.chunks)
+            start = max(0, min(self.lanes, len(self._work)) - self._running)
+            self._running += start
+            return start
+
+    def take(self) -> tuple[_InFlight, _Chunk] | None:
+        """The next chunk, or ``None`` when there is none (the calling lane then ends)."""
+        with self._lock:
+            if self._work:
+                return self._work.popleft()
+            self._running -= 1
+            return None
+
+    def leave(self) -> None:
+        """A lane ends without emptying the queue (cancelled)."""
+        with self._lock:
+            self._running -= 1
+
+    def read(self, flight: _InFlight, error: BaseException | None) -> bool:
+        """Count one of ``flight``'s chunks as read (``error``: failed; the first is kept and
+        its unit's other chunks are skipped). True when it was the unit's last one."""
+        with self._lock:
+            if error is not None and flight.error is None:
+                flight.error = error
+            flight.pending -= 1
+            return flight.pending == 0
 
 
 @dataclass(slots=True)
@@ -523,6 +574,7 @@ class _Load:
         self.ring_lock = anyio.Lock()
         self.emit_lock = anyio.Lock()
         self.limiter = anyio.CapacityLimiter(params.reader_threads)
+        self.reads = _ReadQueue(max(1, params.reader_threads // 2))
         self.target = params.target_code
         self.scratch = 0
         self.units: list[_Unit] = []
@@ -681,7 +733,13 @@ class _Load:
                 parts_left -= unit.nbytes
             self._reserve(unit.layer + 1 if unit.layer is not None else 0, parts_left)
             self.inflight.append(flight)
-            group.start_soon(self._fill, flight)
+            if flight.device.staged:
+                group.start_soon(self._fill, flight)
+            elif not flight.chunks:
+                self._filled(flight)
+            else:
+                for _ in range(self.reads.put(flight)):
+                    group.start_soon(self._lane)
 
     def _room_for(self, index: int, unit: _Unit) -> bool:
         """Whether unit ``index`` may be allocated now: at most two units are being read.
@@ -772,9 +830,10 @@ class _Load:
         next_layer = 0 if unit.layer is None else unit.layer
         while True:
             device = self._device_for(unit)
-            live = await anyio.to_thread.run_sync(self._live_free, device)
             need = self._need_rest(device.name, next_layer, parts_left)
+            live: int | None = None  # host memory: read in the allocating call (one hop less)
             if device.is_gpu:
+                live = await anyio.to_thread.run_sync(self._live_free, device)
                 have = live + self._slack(device)
                 if have < need:
                     reason = "under-delivered: live free memory is below what its plan still needs"
@@ -785,13 +844,19 @@ class _Load:
             except torch.OutOfMemoryError as exc:
                 reason = f"allocation failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
                 del exc
+                if live is None:
+                    live = await anyio.to_thread.run_sync(self._live_free, device)
                 # The device has less than its reading said: re-plan as if it could not hold
                 # all it was given (at least one layer moves on; repeated failures move more).
                 await self._replan(
                     unit, device.name, reason, need, live, parts_left, cap=(device.name, need - 1)
                 )
 
-    def _allocate_sync(self, unit: _Unit, device: Device, live: int) -> _InFlight:
+    def _allocate_sync(self, unit: _Unit, device: Device, live: int | None) -> _InFlight:
+        """Allocate ``unit``'s tensors on ``device`` (blocking); ``live``: the free memory read
+        before, or ``None`` to read it here first."""
+        if live is None:
+            live = self._live_free(device)
         huge = self._huge_pages(unit, device)
         if isinstance(device, CpuDevice):
             final, raw, items, huge_bytes = self._host_tensors(unit, huge)
@@ -974,22 +1039,22 @@ class _Load:
         self._reserve(unit.layer or 0, parts_left)
 
     async def _fill(self, flight: _InFlight) -> None:
-        """Read (and copy) every chunk of one unit; errors are kept for ``_finish``."""
+        """Read and copy every chunk of one unit bound for a staged device; errors are kept for
+        ``_finish``."""
         try:
             async with anyio.create_task_group() as group:
-                if flight.device.staged:
-                    for chunk in flight.chunks:
-                        group.start_soon(self._staged_chunk, flight, chunk)
-                else:
-                    lanes = max(1, self.params.reader_threads // 2)
-                    for lane in range(min(lanes, len(flight.chunks))):
-                        group.start_soon(self._lane, flight.chunks[lane::lanes])
+                for chunk in flight.chunks:
+                    group.start_soon(self._staged_chunk, flight, chunk)
         except Exception as exc:
             flight.error = _single(exc)
         finally:
-            flight.filled = time.perf_counter()
-            flight.done.set()
-            self._progress()
+            self._filled(flight)
+
+    def _filled(self, flight: _InFlight) -> None:
+        """``flight``'s reads are over (on the event loop)."""
+        flight.filled = time.perf_counter()
+        flight.done.set()
+        self._progress()
 
     async def _staged_chunk(self, flight: _InFlight, chunk: _Chunk) -> None:
         files = self.files
@@ -1004,16 +1069,35 @@ class _Load:
         finally:
             ring.release(slot)
 
-    async def _lane(self, chunks: list[_Chunk]) -> None:
+    async def _lane(self) -> None:
+        await anyio.to_thread.run_sync(self._read_lane, limiter=self.limiter)
+
+    def _read_lane(self) -> None:
+        """One reader lane (a worker thread): chunk after chunk from the queue until it is
+        empty. Cancellation is checked between chunks; a read error is kept for its unit."""
         files = self.files
         assert files is not None
-        await anyio.to_thread.run_sync(self._read_lane, files, chunks, limiter=self.limiter)
-
-    @staticmethod
-    def _read_lane(files: _Files, chunks: list[_Chunk]) -> None:
-        for chunk in chunks:
+        reads = self.reads
+        try:
             anyio.from_thread.check_cancelled()
-            _Load._read_direct(files, chunk)
+        except BaseException:
+            reads.leave()
+            raise
+        while (item := reads.take()) is not None:
+            flight, chunk = item
+            error: BaseException | None = None
+            try:
+                if flight.error is None:
+                    self._read_direct(files, chunk)
+            except Exception as exc:
+                error = exc
+            if reads.read(flight, error):
+                anyio.from_thread.run_sync(self._filled, flight)
+            try:
+                anyio.from_thread.check_cancelled()
+            except BaseException:
+                reads.leave()
+                raise
 
     async def _ring(self, device: Device) -> _StagingRing:
         """The load's staging ring, made on first use in a worker thread (pinning host memory
@@ -1072,13 +1156,12 @@ class _Load:
             flight.drop()
             raise _translate(error, unit, flight.device.name) from error
         completing = time.perf_counter()
-        await anyio.to_thread.run_sync(self._complete, flight)
+        completed, free_after = await anyio.to_thread.run_sync(self._complete, flight)
         unit = flight.unit
         device = flight.device
         # Allocation to the last read, plus waiting for the copies and converting; not the time
         # the finished unit waited for its turn to be reported.
-        seconds = flight.filled - flight.started + time.perf_counter() - completing
-        free_after = await anyio.to_thread.run_sync(self._live_free, device)
+        seconds = flight.filled - flight.started + completed - completing
         stats = self.device_stats.setdefault(device.name, _DeviceStats())
         stats.nbytes += unit.nbytes
         stats.tensors += len(flight.final)
@@ -1103,14 +1186,16 @@ class _Load:
             )
         )
 
-    def _complete(self, flight: _InFlight) -> None:
-        """Wait for the unit's copies, then convert raw buffers into the final tensors."""
+    def _complete(self, flight: _InFlight) -> tuple[float, int]:
+        """Wait for the unit's copies, then convert raw buffers into the final tensors. Returns
+        when that was done (``perf_counter``) and the device's live free memory after it."""
         for fence in flight.fences:
             fence.wait()
         for name in list(flight.raw):
             flight.final[name].copy_(flight.raw.pop(name))
         device = flight.device.name
         self.transient[device] = self.transient.get(device, 0) - flight.raw_bytes
+        return time.perf_counter(), self._live_free(flight.device)
 
     def _report(self, seconds: float, plan_seconds: float) -> LoadReport:
         devices = tuple(

@@ -634,6 +634,47 @@ def test_worker_threads_are_started_before_the_first_read(
     assert "start" not in order[first:]
 
 
+async def test_cpu_reads_run_in_lanes_that_go_on_across_units(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPU chunks are read by at most ``reader_threads // 2`` lanes at once, and a lane goes on
+    to the next unit's chunks instead of ending with its unit: while reads are slower than
+    allocations (so the queue never runs dry), the whole load takes a few lane runs, not one
+    per lane and unit."""
+    lock = threading.Lock()
+    running = most = reads = 0
+    read_direct = engine._Load._read_direct
+    read_lane = engine._Load._read_lane
+    lanes_run = 0
+
+    def slow(files: Any, chunk: Any) -> None:
+        nonlocal running, most, reads
+        with lock:
+            running += 1
+            reads += 1
+            most = max(most, running)
+        time.sleep(0.002)
+        read_direct(files, chunk)
+        with lock:
+            running -= 1
+
+    def counting(self: Any) -> None:
+        nonlocal lanes_run
+        with lock:
+            lanes_run += 1
+        read_lane(self)
+
+    monkeypatch.setattr(engine._Load, "_read_direct", staticmethod(slow))
+    monkeypatch.setattr(engine._Load, "_read_lane", counting)
+    p = params(["cpu"], chunk_bytes=4096, reader_threads=4)
+    model = await streamload.load(ckpt, p)
+    assert_identical(model.tensors, reference(ckpt), None)
+    units = len(model.plan.layer_devices) + len(streamload.inspect(ckpt).non_mapped)
+    assert most == 2  # reader_threads // 2
+    assert reads > 4 * units  # several chunks per unit
+    assert lanes_run < units  # per-unit lanes would take at least two runs per unit
+
+
 async def test_cancelling_stops_a_lane_of_reads_between_chunks(
     ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
