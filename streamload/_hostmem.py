@@ -19,6 +19,7 @@ import torch
 
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 * 2**20  # a PMD-sized transparent huge page with 4 KiB base pages
+CACHE_LINE = 64
 _MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not in Python 3.11's mmap module
 _NR_CACHESTAT = 451  # Linux >= 6.5, the same number on every architecture
@@ -89,9 +90,6 @@ def huge_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
     if _libc is not None and nbytes >= HUGE_PAGE:
         _libc.madvise(base + offset, huge_stretches(nbytes), _MADV_HUGEPAGE)
     return area, offset
-
-
-CACHE_LINE = 64
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
