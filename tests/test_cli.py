@@ -570,7 +570,13 @@ def test_ctrl_c_cancels_the_load_cleanly(
         return await real_load(path, params, on_event=on_event_then_sigint)
 
     monkeypatch.setattr(streamload, "load", interrupted_load)
-    code, _, err = run(capsys, "load", checkpoint, *sim_devices(sim_sizes), *COMMON)
+    # A shell starts background jobs with SIGINT ignored (then Python installs no Ctrl-C
+    # handler): give the test the handler an interactive process has.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, _, err = run(capsys, "load", checkpoint, *sim_devices(sim_sizes), *COMMON)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert 130 == code
     assert ["streamload: interrupted; nothing is left loaded"] == err.splitlines()
     assert [0, 0] == [gpu.allocated_bytes for gpu in seen]
