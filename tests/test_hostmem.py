@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,22 @@ MiB = 2**20
 linux_only = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux /proc")
 
 
-def _mapping(address: int) -> tuple[int, int, list[str]] | None:
-    """(start, end, VmFlags) of the mapping of this process that holds ``address``."""
-    found: tuple[int, int] | None = None
+def _mappings() -> Iterator[tuple[int, int, list[str]]]:
+    """(start, end, VmFlags) of every mapping of this process."""
+    current: tuple[int, int] | None = None
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()[0]
             if "-" in head and not head.endswith(":"):
                 low, high = (int(x, 16) for x in head.split("-"))
-                found = (low, high) if low <= address < high else None
-            elif found is not None and head == "VmFlags:":
-                return found[0], found[1], line.split()[1:]
-    return None
+                current = (low, high)
+            elif current is not None and head == "VmFlags:":
+                yield current[0], current[1], line.split()[1:]
+
+
+def _mapping(address: int) -> tuple[int, int, list[str]] | None:
+    """(start, end, VmFlags) of the mapping of this process that holds ``address``."""
+    return next((m for m in _mappings() if m[0] <= address < m[1]), None)
 
 
 def _flags(address: int) -> list[str]:
@@ -85,17 +90,7 @@ def test_huge_tensors_behave_like_any_tensor() -> None:
 
 def _huge_ranges() -> list[tuple[int, int]]:
     """(start, end) of every mapping of this process advised into huge pages."""
-    ranges: list[tuple[int, int]] = []
-    current: tuple[int, int] | None = None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                low, high = (int(x, 16) for x in head.split("-"))
-                current = (low, high)
-            elif head == "VmFlags:" and current is not None and "hg" in line.split()[1:]:
-                ranges.append(current)
-    return ranges
+    return [(low, high) for low, high, flags in _mappings() if "hg" in flags]
 
 
 def _in_huge(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> int:
