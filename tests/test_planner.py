@@ -518,7 +518,7 @@ def test_plan_asks_the_model_for_activations(monkeypatch: pytest.MonkeyPatch) ->
         calls.append(kwargs)
         return Activations(mapped=3 * MiB, non_mapped=5 * MiB)
 
-    monkeypatch.setattr(planner, "activation_bytes", fake)
+    monkeypatch.setattr(planner._sizes, "activation_bytes", fake)
     params = replace(
         BARE,
         attention_chunk=512,
