@@ -38,15 +38,15 @@ from benchmarks.methods import METHODS
 
 # (module, attribute path, stage name)
 STAGES = (
-    ("streamload.engine", "inspect", "inspect headers"),
-    ("streamload.engine", "_Load._allocate_sync", "allocate"),
-    ("streamload.engine", "_cut_chunks", "cut chunks"),
-    ("streamload.engine", "_host_memory", "memoryview"),
-    ("streamload.engine", "_read_into", "preadv"),
+    ("streamload.engine._load", "inspect", "inspect headers"),
+    ("streamload.engine._load", "_Load._allocate_sync", "allocate"),
+    ("streamload.engine._destinations", "cut_chunks", "cut chunks"),
+    ("streamload.engine._reader", "host_view", "memoryview"),
+    ("streamload.engine._reader", "read_into", "preadv"),
     ("streamload.testing._simulated", "SimulatedGPU.copy_from_host", "copy to device"),
-    ("streamload.engine", "_Load._complete", "fences + convert"),
-    ("streamload.engine", "_Load._live_free", "live free probe"),
-    ("streamload.engine", "_Load._advise", "prefetch advice"),
+    ("streamload.engine._destinations", "Destinations.complete", "fences + convert"),
+    ("streamload.engine._budget", "Budget.live_free", "live free probe"),
+    ("streamload.engine._reader", "Reader.prefetch", "prefetch advice"),
     ("streamload.events", "log_event", "log event"),
 )
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 
 from streamload import model, planner
-from streamload.devices import resolve_devices
-from streamload.engine import capacities
+from streamload.devices import capacities, resolve_devices
 from streamload.model import ModelSpec
 from streamload.params import LoadParams, dtype_code, parse_dtype
 from streamload.planner import Plan
@@ -32,4 +31,4 @@ def plan(path: str | Path, params: LoadParams | None = None) -> Plan:
     params = params or LoadParams()
     spec = model.inspect(path, target_dtype=params.target_code)
     devices = resolve_devices(params.devices)
-    return planner.plan(spec, capacities(devices, params), params)
+    return planner.plan(spec, capacities(devices), params)

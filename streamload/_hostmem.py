@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import math
 import mmap
 import sys
 from collections.abc import Sequence
 
 import torch
+
+from streamload._state import STATE
 
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 * 2**20  # a PMD-sized transparent huge page with 4 KiB base pages
@@ -48,11 +49,10 @@ def prefault(tensor: torch.Tensor) -> None:
     """Fault in a fresh host destination's pages in one call before reading into it.
 
     Taking the page faults one 4 KiB page at a time inside ``preadv`` dominates a warm load to
-    the CPU; ``madvise(MADV_POPULATE_WRITE)`` on the reader thread does the same work in bulk
-    (measured +15% warm). Contents are unchanged. Not for destinations in huge pages: the copy
-    faults those in 2 MiB at a time, and a page it has just zeroed is still in cache when it
-    writes the data, where zeroing a whole chunk ahead evicts it first (a warm 3 GB load took
-    2.0 CPU-s with huge pages pre-faulted, 1.2-1.4 without).
+    the CPU; ``madvise(MADV_POPULATE_WRITE)`` on the reader thread does the same work in bulk.
+    Contents are unchanged. Not for destinations in huge pages: the copy faults those in 2 MiB at
+    a time, and a page it has just zeroed is still in cache when it writes the data, where
+    zeroing a whole chunk ahead evicts it first (``benchmarks/results/measurements.md``).
     """
     if _libc is None:
         return
@@ -135,10 +135,9 @@ class HostBlock:
     advised ``MADV_HUGEPAGE`` (``huge_bytes`` of them; the tail stays in 4 KiB pages). Why one
     mapping per unit rather than per tensor: every ``mmap`` and ``madvise`` takes the process's
     ``mmap_lock`` for writing, and the first fault in a new mapping needs it to set the mapping
-    up, so per-tensor mappings made while reader threads fault in earlier tensors left those
-    readers queued on the lock: 136-184 ms of idle CPU in a 0.8-1.2 s warm load of 201 tensors
-    on 2 CPUs (``perf`` on ``sched_switch``). The block's first page is touched here, on the
-    allocating thread, so the readers' faults find the mapping set up.
+    up, so per-tensor mappings made while reader threads fault in earlier tensors leave those
+    readers queued on the lock (``benchmarks/results/measurements.md``). The block's first page
+    is touched here, on the allocating thread, so the readers' faults find the mapping set up.
 
     Tensors from ``tensor`` are views of the mapping (each storage exactly its bytes); it is
     unmapped when the last of them is freed, so a unit's memory returns as a whole.
@@ -193,13 +192,11 @@ class _Cachestat(ctypes.Structure):
     ]
 
 
-_cachestat_works = True
-
-
 def _cachestat(fd: int, start: int, length: int) -> int | None:
-    """Pages of ``[start, start + length)`` in the page cache (``cachestat``, Linux >= 6.5)."""
-    global _cachestat_works
-    if _libc is None or not _cachestat_works:
+    """Pages of ``[start, start + length)`` in the page cache (``cachestat``, Linux >= 6.5).
+
+    A kernel that refuses the call once refuses it for good: ``STATE.probes`` remembers."""
+    if _libc is None or not STATE.probes.cachestat:
         return None
     span = _CachestatRange(start, length)
     stat = _Cachestat()
@@ -213,7 +210,7 @@ def _cachestat(fd: int, start: int, length: int) -> int | None:
     if result == 0:
         return int(stat.nr_cache)
     if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # old kernel, or a seccomp filter
-        _cachestat_works = False
+        STATE.probes.cachestat = False
     return None
 
 
@@ -283,10 +280,16 @@ def cached_fraction(ranges: Sequence[tuple[int, int, int]]) -> float | None:
     return cached / probed
 
 
-@functools.cache
 def huge_pages_available() -> bool:
     """Whether ``empty`` can ask for huge pages here (Linux, THP not ``never``); read once per
-    process."""
+    process (``STATE.probes``)."""
+    probes = STATE.probes
+    if probes.huge_pages is None:
+        probes.huge_pages = _thp_enabled()
+    return probes.huge_pages
+
+
+def _thp_enabled() -> bool:
     if _libc is None:
         return False
     try:

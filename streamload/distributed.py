@@ -79,8 +79,8 @@ import torch.distributed as dist
 
 from streamload import planner
 from streamload.checkpoint import DTYPE_SIZES
-from streamload.devices import resolve_devices
-from streamload.engine import LoadedModel, capacities, load
+from streamload.devices import capacities, resolve_devices
+from streamload.engine import LoadedModel, load
 from streamload.errors import (
     DeviceError,
     DoesNotFitError,
@@ -964,7 +964,7 @@ def _survey(path: Path, params: LoadParams, rank: int, host: str) -> _Local:
         spec = inspect(path, target_dtype=params.target_code)
         phase = "probing its devices"
         devices = resolve_devices(params.devices)
-        caps = tuple(capacities(devices, params))
+        caps = tuple(capacities(devices))
     except Exception as exc:  # every rank must hear of it, whatever it is
         failure = _Failure.of(exc, rank=rank, host=host, phase=phase)
         return _Local(_Survey(rank, host, None, "", settings, failure), None)

@@ -200,13 +200,14 @@ class LoadParams:
     get transparent huge pages: ``True`` always, ``False`` never, ``"auto"`` (default) for each
     layer or non-mapped part whose bytes are mostly (more than half, sampled) in the page cache when
     the load reaches it, before its own read-ahead starts. Why: a warm load is bound by faulting in
-    and zeroing fresh pages plus one copy, and 2 MiB pages cut that ~500-fold in faults (measured
-    ~1.7x faster warm on a 3 GB checkpoint), while the same advice measured ~1.2-1.4x slower for
-    loads that wait on the disk. A unit's CPU tensors share one mapping whose whole 2 MiB stretches
-    get the advice (``streamload._hostmem.HostBlock``; each tensor's storage is exactly its bytes,
-    and the mapping goes when the last of them is freed); a simulated GPU's tensor gets a mapping of
-    its own (``streamload._hostmem.huge_mapping``). With THP ``defrag`` at ``madvise`` the kernel
-    may compact memory to find huge pages; ``False`` avoids that; THP ``never`` turns it off.
+    and zeroing fresh pages plus one copy, and 2 MiB pages cut the faults 512-fold, while loads
+    that wait on the disk gain nothing from them and pay for the compaction that finds them
+    (``benchmarks/results/measurements.md`` has the figures). A unit's CPU tensors share one
+    mapping whose whole 2 MiB stretches get the advice (``streamload._hostmem.HostBlock``; each
+    tensor's storage is exactly its bytes, and the mapping goes when the last of them is freed); a
+    simulated GPU's tensor gets a mapping of its own (``streamload._hostmem.huge_mapping``). With
+    THP ``defrag`` at ``madvise`` the kernel may compact memory to find huge pages; ``False``
+    avoids that; THP ``never`` turns it off.
     """
 
     devices: Literal["auto"] | Sequence[str | Device] = field(default_factory=_default_devices)

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import sniffio
 
+from streamload import _state
+
 _BLOCKING = ("open", "read", "pread", "preadv", "fstat", "stat", "lseek", "posix_fadvise")
 
 
@@ -62,3 +64,13 @@ def no_blocking_io(monkeypatch: pytest.MonkeyPatch) -> Iterator[BlockingIOGuard]
             monkeypatch.setattr(os, name, wrap(name, real))
     yield guard
     assert [] == guard.violations, "blocking file I/O ran on the event loop"
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state() -> Iterator[None]:
+    """Every test starts and ends with the process-wide state of a fresh process
+    (``streamload._state``): a reservation a failed test leaked cannot shrink the next test's
+    capacities."""
+    _state.reset()
+    yield
+    _state.reset()

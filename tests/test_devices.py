@@ -14,6 +14,7 @@ import pynvml
 import pytest
 import torch
 
+from streamload._state import ReservationBook
 from streamload.devices import (
     DONE,
     CpuDevice,
@@ -24,7 +25,6 @@ from streamload.devices import (
     Fence,
     Nvml,
     NvmlMemory,
-    ReservationBook,
     VisibleGpu,
     host_available_bytes,
     host_total_bytes,
@@ -636,10 +636,10 @@ def test_reservations_count_others_only() -> None:
         book.held_by_others(None, "cuda:0"),
         book.held_by_others(b, "cuda:1"),
     )
-    book.release(a, "cuda:0", 60)
-    assert (40, 40) == (book.held_by(a, "cuda:0"), book.held_by_others(b, "cuda:0"))
+    book.replace(a, {"cuda:0": 40})
+    assert (40, 30) == (book.held_by_others(b, "cuda:0"), book.held_by_others(a, "cuda:0"))
     book.release_all(b)
-    assert (0, 0) == (book.held_by_others(a, "cuda:0"), book.held_by(b, "cuda:1"))
+    assert (0, 0) == (book.held_by_others(a, "cuda:0"), book.held_by_others(a, "cuda:1"))
 
 
 def test_reservations_accept_unhashable_owners() -> None:
@@ -648,7 +648,7 @@ def test_reservations_accept_unhashable_owners() -> None:
     owner: dict[str, int] = {}
     book.reserve(owner, "sim:0", 7)
     assert 7 == book.held_by_others({}, "sim:0")
-    book.release(owner, "sim:0", 7)
+    book.replace(owner, {})
     assert 0 == book.held_by_others(None, "sim:0")
 
 
@@ -656,20 +656,18 @@ def test_reservations_accept_unhashable_owners() -> None:
     "call",
     [
         lambda b, o: b.reserve(o, "cuda:0", -1),
-        lambda b, o: b.release(o, "cuda:0", -1),
-        lambda b, o: b.release(o, "cuda:0", 11),
-        lambda b, o: b.release(object(), "cuda:0", 1),
+        lambda b, o: b.replace(o, {"cuda:0": -1}),
     ],
-    ids=["reserve-negative", "release-negative", "release-too-much", "release-unknown"],
+    ids=["reserve-negative", "replace-negative"],
 )
 def test_reservation_misuse_is_value_error(call: Any) -> None:
-    """Negative amounts and releasing more than held are ``ValueError``s that change nothing."""
+    """Negative amounts are ``ValueError``s that change nothing."""
     book = ReservationBook()
     owner = object()
     book.reserve(owner, "cuda:0", 10)
     with pytest.raises(ValueError):
         call(book, owner)
-    assert 10 == book.held_by(owner, "cuda:0")
+    assert 10 == book.held_by_others(None, "cuda:0")
 
 
 def test_release_all_unknown_owner_is_noop() -> None:
@@ -695,8 +693,9 @@ def test_reservations_under_threads() -> None:
                 book.reserve(owner, "cuda:0", 8)
                 book.reserve(owner, f"cuda:{i % 3}", 8)
                 observed.append(book.held_by_others(owner, "cuda:0") % 8)
-                book.release(owner, "cuda:0", 8)
-                book.release(owner, f"cuda:{i % 3}", 8)
+                book.replace(owner, {"cuda:0": 8, "cuda:1": 16})
+                observed.append(book.held_by_others(owner, "cuda:0") % 8)
+                book.replace(owner, {})
             book.release_all(owner)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
@@ -708,6 +707,7 @@ def test_reservations_under_threads() -> None:
         thread.join()
     assert [] == errors
     assert {0} == set(observed)
+    assert 0 == book.held_by_others(None, "cuda:0")
     assert [0, 0, 0] == [book.held_by_others(None, f"cuda:{i}") for i in range(3)]
 
 

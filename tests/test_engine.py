@@ -15,7 +15,7 @@ import structlog.testing
 import torch
 
 import streamload
-from streamload import engine
+from streamload.engine import _load, _reader
 from streamload.events import (
     Event,
     LayerPlaced,
@@ -166,7 +166,7 @@ async def test_release_returns_simulated_memory(ckpt: Path) -> None:
 def test_staging_ring_slots(budget_slots: int, threads: int, cpus: int, expected: int) -> None:
     chunk = 4096
     p = params([], chunk_bytes=chunk, staging_bytes=budget_slots * chunk, reader_threads=threads)
-    assert expected == engine._ring_slots(p, cpus)
+    assert expected == _reader.ring_slots(p, cpus)
 
 
 async def test_staging_ring_is_sized_to_the_cpus_within_the_budget(ckpt: Path) -> None:
@@ -174,7 +174,7 @@ async def test_staging_ring_is_sized_to_the_cpus_within_the_budget(ckpt: Path) -
     budget; a load with no staged device has no ring."""
     p = params([sized_gpu("sim:0", ckpt, 10, primary=True)], staging_bytes=64 * 4096)
     async with await streamload.load(ckpt, p) as model:
-        slots = engine._ring_slots(p, engine._usable_cpus())
+        slots = _reader.ring_slots(p, _reader.usable_cpus())
         assert slots * p.chunk_bytes == model.report.staging_bytes
         assert model.report.staging_bytes <= p.staging_bytes
     async with await streamload.load(ckpt, params(["cpu"])) as model:
@@ -578,13 +578,13 @@ async def test_units_bound_for_host_memory_are_read_ahead_of_a_slow_callback(
     allocated and read (two being read, one more waiting to be placed); a GPU layer waits until
     the unit two before it is placed, so its recheck sees what the callback did."""
     allocated: list[int | None] = []
-    allocate = engine._Load._allocate_sync
+    allocate = _load._Load._allocate_sync
 
     def recording(self: Any, unit: Any, device: Any, live: int) -> Any:
         allocated.append(unit.layer)
         return allocate(self, unit, device, live)
 
-    monkeypatch.setattr(engine._Load, "_allocate_sync", recording)
+    monkeypatch.setattr(_load._Load, "_allocate_sync", recording)
     seen: list[list[int | None]] = []
 
     async def on_event(event: Event) -> None:
@@ -616,14 +616,14 @@ def test_worker_threads_are_started_before_the_first_read(
         order.append("start")
         start(self)
 
-    read_direct = engine._Load._read_direct
+    read_direct = _reader.read_direct
 
     def recording_read(files: Any, chunk: Any) -> None:
         order.append("read")
         read_direct(files, chunk)
 
     monkeypatch.setattr(threading.Thread, "start", recording_start)
-    monkeypatch.setattr(engine._Load, "_read_direct", staticmethod(recording_read))
+    monkeypatch.setattr(_reader, "read_direct", recording_read)
 
     load_params = params(["cpu"], reader_threads=reader_threads)
     model = anyio.run(lambda: streamload.load(ckpt, load_params))
@@ -643,8 +643,8 @@ async def test_cpu_reads_run_in_lanes_that_go_on_across_units(
     per lane and unit."""
     lock = threading.Lock()
     running = most = reads = 0
-    read_direct = engine._Load._read_direct
-    read_lane = engine._Load._read_lane
+    read_direct = _reader.read_direct
+    read_lane = _reader.Reader._read_lane
     lanes_run = 0
 
     def slow(files: Any, chunk: Any) -> None:
@@ -664,8 +664,8 @@ async def test_cpu_reads_run_in_lanes_that_go_on_across_units(
             lanes_run += 1
         read_lane(self)
 
-    monkeypatch.setattr(engine._Load, "_read_direct", staticmethod(slow))
-    monkeypatch.setattr(engine._Load, "_read_lane", counting)
+    monkeypatch.setattr(_reader, "read_direct", slow)
+    monkeypatch.setattr(_reader.Reader, "_read_lane", counting)
     p = params(["cpu"], chunk_bytes=4096, reader_threads=4)
     model = await streamload.load(ckpt, p)
     assert_identical(model.tensors, reference(ckpt), None)
@@ -683,7 +683,7 @@ async def test_cancelling_stops_a_lane_of_reads_between_chunks(
     (without the check between chunks, the lanes would read their whole share first)."""
     reads = 0
     started = threading.Event()
-    read_direct = engine._Load._read_direct
+    read_direct = _reader.read_direct
 
     def slow(files: Any, chunk: Any) -> None:
         nonlocal reads
@@ -693,7 +693,7 @@ async def test_cancelling_stops_a_lane_of_reads_between_chunks(
         time.sleep(0.005)
         read_direct(files, chunk)
 
-    monkeypatch.setattr(engine._Load, "_read_direct", staticmethod(slow))
+    monkeypatch.setattr(_reader, "read_direct", slow)
     p = params(["cpu"], chunk_bytes=512, reader_threads=4)
     entries = streamload.inspect(ckpt).checkpoint.tensors.values()
     total = sum(-(-entry.nbytes // 512) for entry in entries)

@@ -149,9 +149,16 @@ class SimulatedGPU:
             self._settle()
             return self._free()
 
-    #: Its memory is host memory: the engine passes ``huge_pages`` to ``empty`` under the same
-    #: rule as for CPU tensors (``LoadParams.huge_pages``).
-    host_memory = True
+    @property
+    def host_memory(self) -> bool:
+        """Its memory is host memory: the engine passes ``huge_pages`` to ``empty`` under the
+        same rule as for CPU tensors (``LoadParams.huge_pages``)."""
+        return True
+
+    @property
+    def ledger_key(self) -> str:
+        """By object identity: two ``SimulatedGPU("sim:0")`` objects are two devices."""
+        return f"{self._name}@{id(self):x}"
 
     def empty(
         self, shape: tuple[int, ...], dtype: torch.dtype, *, huge_pages: bool = False

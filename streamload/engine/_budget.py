@@ -1,0 +1,204 @@
+"""The budget: what each device's plan still needs, live rechecks, reservations, re-plans.
+
+Before a unit is allocated on a GPU its device's live free memory (minus what other loads in
+this process reserved there, plus this load's raw conversion buffers, which are freed soon,
+minus the conversion scratch the plan must leave) must cover what the device's plan still
+needs: its unplaced weights, the KV cache of all its layers, its activations and its reserve
+(``need_rest``). Otherwise, or when an allocation fails, the layers not yet placed are
+re-planned over live capacities (``replan``). The budget returns the events this causes; the
+orchestrator emits them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import anyio
+import anyio.to_thread
+
+from streamload import planner
+from streamload._state import STATE
+from streamload.devices import Device, capacities
+from streamload.engine._destinations import Transient
+from streamload.engine._units import Unit
+from streamload.errors import ReplanLimitError
+from streamload.events import Event, PagedAttentionDisabled, Replanned
+from streamload.model import ModelSpec
+from streamload.params import LoadParams
+from streamload.planner import DeviceCapacity, Plan
+
+__all__ = ["Budget"]
+
+
+class Budget:
+    """One load's plan and what it holds in the process-wide ledger (``STATE.reservations``,
+    under this object as owner). ``scratch`` is the conversion scratch left free on every GPU;
+    ``transient`` counts the load's raw conversion buffers alive per device."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        devices: list[Device],
+        params: LoadParams,
+        *,
+        scratch: int,
+        transient: Transient,
+    ) -> None:
+        self._spec = spec
+        self._devices = {device.name: device for device in devices}
+        self._params = params
+        self._scratch = scratch
+        self._transient = transient
+        self.plan: Plan | None = None
+        self.replans: list[Replanned] = []
+        self.fallbacks: list[PagedAttentionDisabled] = []
+
+    @property
+    def current(self) -> Plan:
+        assert self.plan is not None, "planned first"
+        return self.plan
+
+    async def first_plan(self) -> tuple[float, list[Event]]:
+        """Plan over live capacities and reserve the plan; returns the planner's seconds and
+        the fallback event if the plan had to give up paged attention."""
+        devices = list(self._devices.values())
+        caps = await anyio.to_thread.run_sync(lambda: capacities(devices, scratch=self._scratch))
+        started = time.perf_counter()
+        self.plan = await anyio.to_thread.run_sync(planner.plan, self._spec, caps, self._params)
+        seconds = time.perf_counter() - started
+        self.reserve(0, self._spec.non_mapped_bytes)
+        events: list[Event] = []
+        if self.plan.paged_attention_reason is not None:
+            events.append(self._fallback(self.plan.paged_attention_reason))
+        return seconds, events
+
+    def device_for(self, unit: Unit) -> Device:
+        plan = self.current
+        name = plan.primary if unit.layer is None else plan.layer_devices[unit.layer]
+        return self._devices[name]
+
+    def live_free(self, device: Device) -> int:
+        """``device``'s live free bytes less what other loads hold there (blocking)."""
+        held = STATE.reservations.held_by_others(self, device.ledger_key)
+        return device.live_free_bytes() - held
+
+    def need_rest(self, device: str, next_layer: int, parts_left: int) -> int:
+        """What ``device``'s plan still needs: unplaced weights + KV + activations + reserve."""
+        plan = self.current
+        row = plan.device(device)
+        weights = sum(
+            self._spec.layers[i].nbytes
+            for i in range(next_layer, len(plan.layer_devices))
+            if plan.layer_devices[i] == device
+        )
+        if device == plan.primary:
+            weights += parts_left
+        kv = sum(
+            kv for d, kv in zip(plan.layer_devices, plan.layer_kv_bytes, strict=True) if d == device
+        )
+        return weights + kv + row.activation_bytes + row.reserve_bytes
+
+    def slack(self, device: Device) -> int:
+        """Bytes to add to a live reading to compare it with the plan: this load's raw
+        conversion buffers (freed soon) minus the conversion scratch the plan must leave."""
+        if not device.is_gpu:
+            return 0
+        return self._transient.get(device.name) - self._scratch
+
+    def reserve(self, next_layer: int, parts_left: int) -> None:
+        """Hold, for other loads in this process, what this load still needs per GPU (one
+        step: the ledger never shows this load between its old and new reservations)."""
+        held: dict[str, int] = {}
+        for row in self.current.devices:
+            if not row.is_gpu:
+                continue
+            nbytes = self.need_rest(row.device, next_layer, parts_left) - row.reserve_bytes
+            if nbytes > 0:
+                key = self._devices[row.device].ledger_key
+                held[key] = held.get(key, 0) + nbytes
+        STATE.reservations.replace(self, held)
+
+    def release(self) -> None:
+        """Drop every reservation of this load."""
+        STATE.reservations.release_all(self)
+
+    def _live_capacities(self) -> list[DeviceCapacity]:
+        rows = []
+        for row in self.current.devices:
+            device = self._devices[row.device]
+            rows.append(
+                DeviceCapacity(
+                    name=device.name,
+                    is_gpu=device.is_gpu,
+                    total_bytes=device.total_bytes(),
+                    free_bytes=max(self.live_free(device) + self.slack(device), 0),
+                )
+            )
+        return rows
+
+    async def replan(
+        self,
+        unit: Unit,
+        device: str,
+        reason: str,
+        expected: int,
+        live: int,
+        parts_left: int,
+        cap: tuple[str, int] | None = None,
+    ) -> list[Event]:
+        """Re-plan from ``unit`` on over live capacities (``cap``: at most this many bytes on
+        that device, after a failed allocation); returns ``Replanned`` and, if the new plan
+        gave up paged attention, ``PagedAttentionDisabled``. ``ReplanLimitError`` past
+        ``LoadParams.max_replans``."""
+        if len(self.replans) >= self._params.max_replans:
+            raise ReplanLimitError(
+                f"still under-delivering after {len(self.replans)} re-plans ({reason})",
+                layer=unit.layer,
+                device=device,
+            )
+        old = self.current
+        caps = await anyio.to_thread.run_sync(self._live_capacities)
+        if cap is not None:
+            name, most = cap
+            caps = [
+                c if c.name != name else dataclasses.replace(c, free_bytes=min(c.free_bytes, most))
+                for c in caps
+            ]
+        new = await anyio.to_thread.run_sync(self._solve, unit, caps, parts_left)
+        self.plan = new
+        event = Replanned(
+            device=device,
+            reason=reason,
+            expected_free=expected,
+            live_free=live,
+            old_layer_devices=old.layer_devices,
+            new_layer_devices=new.layer_devices,
+            at_layer=unit.layer,
+        )
+        self.replans.append(event)
+        events: list[Event] = [event]
+        if old.paged_attention and not new.paged_attention:
+            events.append(self._fallback(new.paged_attention_reason or "the re-plan needs the CPU"))
+        self.reserve(unit.layer or 0, parts_left)
+        return events
+
+    def _solve(self, unit: Unit, caps: list[DeviceCapacity], parts_left: int) -> Plan:
+        old = self.current
+        if unit.layer is not None:
+            return planner.replan(
+                self._spec, old, placed=unit.layer, capacities=caps, params=self._params
+            )
+        # Nothing but (some) non-mapped parts is placed: plan afresh, counting the parts
+        # already placed on the primary as free again (the planner charges all of them).
+        placed = self._spec.non_mapped_bytes - parts_left
+        caps = [
+            c if c.name != old.primary else dataclasses.replace(c, free_bytes=c.free_bytes + placed)
+            for c in caps
+        ]
+        return planner.plan(self._spec, caps, self._params)
+
+    def _fallback(self, reason: str) -> PagedAttentionDisabled:
+        event = PagedAttentionDisabled(reason)
+        self.fallbacks.append(event)
+        return event

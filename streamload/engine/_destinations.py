@@ -1,0 +1,243 @@
+"""Destinations: where each unit's tensors go, their allocation and their completion.
+
+One layout decision per unit (``layout``) from the CPU policy, ``LoadParams.huge_pages`` and
+the device's kind, then one allocation (``Destinations.allocate``):
+
+- on the host itself (a ``host_memory`` device that is not a GPU: the CPU), a unit's tensors
+  are laid out in one mapping and its raw conversion buffers in another
+  (``_hostmem.HostBlock``), read destinations first in file order, each starting at its file
+  bytes' position in a cache line (``_hostmem.lead``) so the kernel's copy out of the page
+  cache runs co-aligned; converted tensors follow, cache-line aligned;
+- on any other device, one ``device.empty`` per tensor (a GPU's allocator places them, and a
+  simulated GPU charges and credits each);
+- under ``cpu_policy="mmap"``, tensors on the CPU that keep their stored dtype are
+  copy-on-write maps of the checkpoint (zero copy) instead.
+
+A tensor whose dtype changes is read into a raw buffer in its stored dtype and converted on its
+device once read (``Destinations.complete``). Raw buffers still alive are counted per device in
+``Transient`` (read by the budget from the event loop, written from worker threads: locked).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from streamload import _hostmem
+from streamload.checkpoint import TensorEntry
+from streamload.devices import Device
+from streamload.engine._flight import InFlight
+from streamload.engine._reader import Files
+from streamload.engine._units import (
+    Destination,
+    Unit,
+    converts,
+    cut_chunks,
+    read_chunk_bytes,
+)
+from streamload.model import ModelSpec
+from streamload.params import LoadParams, torch_dtype
+
+__all__ = ["Destinations", "Layout", "Transient", "layout"]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How one unit's tensors are laid out on its device."""
+
+    block: bool  # in one host mapping per unit (the host itself), not ``empty`` per tensor
+    mmap: bool  # tensors that keep their stored dtype are maps of the checkpoint
+    huge_pages: bool  # whole 2 MiB stretches of destinations in transparent huge pages
+
+
+def layout(device: Device, params: LoadParams, warm: Callable[[], bool]) -> Layout:
+    """The layout of a unit bound for ``device``. Huge pages only where memory is host memory
+    and the host has them; under ``huge_pages="auto"`` only for a unit ``warm()`` (mostly in
+    the page cache, so the copy is not waiting for the disk while pages are compacted)."""
+    huge = (
+        params.huge_pages is not False
+        and device.host_memory
+        and _hostmem.huge_pages_available()
+        and (params.huge_pages is True or warm())
+    )
+    return Layout(
+        block=device.host_memory and not device.is_gpu,
+        mmap=not device.is_gpu and not device.staged and params.cpu_policy == "mmap",
+        huge_pages=huge,
+    )
+
+
+class Transient:
+    """Bytes of raw conversion buffers alive per device (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes: dict[str, int] = {}
+
+    def add(self, device: str, nbytes: int) -> None:
+        with self._lock:
+            self._bytes[device] = self._bytes.get(device, 0) + nbytes
+
+    def get(self, device: str) -> int:
+        with self._lock:
+            return self._bytes.get(device, 0)
+
+
+# (entry, dtype it is laid out in, its lead in a cache line)
+_Slot = tuple[TensorEntry, torch.dtype, int]
+
+
+@dataclass(slots=True)
+class _Tensors:
+    final: dict[str, torch.Tensor]
+    raw: dict[str, torch.Tensor]
+    items: list[Destination]
+    huge_bytes: int
+
+
+class Destinations:
+    """Allocates units' tensors and completes them (all calls blocking: worker threads)."""
+
+    def __init__(self, spec: ModelSpec, params: LoadParams, files: Files) -> None:
+        self._spec = spec
+        self._params = params
+        self._target = params.target_code
+        self._files = files
+        self.transient = Transient()
+
+    def allocate(self, unit: Unit, device: Device, how: Layout, free_before: int) -> InFlight:
+        """``unit``'s tensors on ``device`` laid out ``how``, cut into reads; ``free_before``
+        is the device's live free memory read just before. ``torch.OutOfMemoryError`` when
+        the device refuses (nothing of the unit is kept)."""
+        started = time.perf_counter()
+        got = self._block(unit, how) if how.block else self._per_tensor(unit, device, how)
+        raw_bytes = sum(t.nbytes for t in got.raw.values())
+        self.transient.add(device.name, raw_bytes)
+        chunks = cut_chunks(got.items, read_chunk_bytes(self._params.chunk_bytes, device.staged))
+        got.items.clear()
+        return InFlight(
+            unit,
+            device,
+            got.final,
+            got.raw,
+            chunks,
+            raw_bytes,
+            started,
+            free_before,
+            got.huge_bytes,
+        )
+
+    def complete(self, flight: InFlight) -> None:
+        """Wait for the unit's copies, then convert raw buffers into the final tensors."""
+        for fence in flight.fences:
+            fence.wait()
+        for name in list(flight.raw):
+            flight.final[name].copy_(flight.raw.pop(name))
+        self.transient.add(flight.device.name, -flight.raw_bytes)
+
+    def _converts(self, entry: TensorEntry) -> bool:
+        return converts(self._spec, self._target, entry)
+
+    def _placed(self, entry: TensorEntry) -> torch.dtype:
+        return torch_dtype(self._spec.placed_dtype(entry.name))
+
+    def _per_tensor(self, unit: Unit, device: Device, how: Layout) -> _Tensors:
+        """``unit``'s tensors from ``device.empty``, one allocation each."""
+        got = _Tensors({}, {}, [], 0)
+        try:
+            for entry in unit.entries:
+                stored = torch_dtype(entry.dtype)
+                if self._converts(entry):
+                    got.final[entry.name] = device.empty(
+                        entry.shape, self._placed(entry), huge_pages=how.huge_pages
+                    )
+                    got.raw[entry.name] = dst = device.empty(
+                        entry.shape, stored, huge_pages=how.huge_pages
+                    )
+                elif how.mmap:
+                    got.final[entry.name] = self._mmap(entry, stored)
+                    continue
+                else:
+                    got.final[entry.name] = dst = device.empty(
+                        entry.shape, stored, huge_pages=how.huge_pages
+                    )
+                # Asked for huge pages, a tensor of 2 MiB or more has its whole 2 MiB stretches
+                # in them (``_hostmem.huge_mapping``): left to the copy to fault in.
+                small = _hostmem.huge_stretches(dst.nbytes) if how.huge_pages else 0
+                got.items.append(Destination(entry, _byte_view(dst), small))
+                if how.huge_pages:
+                    got.huge_bytes += _hostmem.huge_stretches(got.final[entry.name].nbytes)
+        except BaseException:
+            got.final.clear()
+            got.raw.clear()
+            got.items.clear()
+            raise
+        return got
+
+    def _block(self, unit: Unit, how: Layout) -> _Tensors:
+        """``unit``'s host tensors in one mapping, raw conversion buffers in another (freed
+        once converted); read destinations first, in file order, co-aligned."""
+        order = sorted(unit.entries, key=lambda entry: (str(entry.path), entry.offset))
+        kept: list[_Slot] = []
+        converted: list[_Slot] = []
+        scratch: list[_Slot] = []
+        final: dict[str, torch.Tensor] = {}
+        for entry in order:
+            stored = torch_dtype(entry.dtype)
+            if self._converts(entry):
+                converted.append((entry, self._placed(entry), 0))
+                scratch.append((entry, stored, _hostmem.lead(entry.offset, stored)))
+            elif how.mmap:
+                final[entry.name] = self._mmap(entry, stored)
+            else:
+                kept.append((entry, stored, _hostmem.lead(entry.offset, stored)))
+        items: list[Destination] = []
+        placed, huge_bytes = _carve(kept + converted, how.huge_pages, items)
+        final.update(placed)
+        raw, _ = _carve(scratch, how.huge_pages, items)
+        final = {entry.name: final[entry.name] for entry in unit.entries}
+        return _Tensors(final, raw, items, huge_bytes)
+
+    def _mmap(self, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
+        """A copy-on-write memory map of ``entry``'s bytes (zero copy; page cache backed)."""
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        fd = self._files.fd(entry.path)
+        page = mmap.ALLOCATIONGRANULARITY
+        start = entry.offset - entry.offset % page
+        mapping = mmap.mmap(fd, entry.end - start, access=mmap.ACCESS_COPY, offset=start)
+        flat = torch.frombuffer(
+            mapping, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset - start
+        )
+        return flat.view(dtype).view(entry.shape)
+
+
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat ``uint8`` view of a contiguous tensor's bytes."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _carve(
+    slots: list[_Slot], huge: bool, items: list[Destination]
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Tensors for ``slots`` in one new ``HostBlock``; those in the stored dtype are read
+    destinations (added to ``items``). Returns them and their bytes in huge pages."""
+    sizes = [(math.prod(entry.shape) * dtype.itemsize, lead) for entry, dtype, lead in slots]
+    positions, total = _hostmem.pack(sizes)
+    block = _hostmem.HostBlock(total, huge_pages=huge)
+    tensors: dict[str, torch.Tensor] = {}
+    huge_bytes = 0
+    for (entry, dtype, _), at, (nbytes, _) in zip(slots, positions, sizes, strict=True):
+        tensor = tensors[entry.name] = block.tensor(at, entry.shape, dtype)
+        huge_bytes += max(0, min(at + nbytes, block.huge_bytes) - at)
+        if dtype == torch_dtype(entry.dtype):
+            # Bytes from ``small`` on are in 4 KiB pages: pre-faulted before the read.
+            small = min(max(block.huge_bytes - at, 0), nbytes)
+            items.append(Destination(entry, _byte_view(tensor), small))
+    return tensors, huge_bytes

@@ -1,0 +1,89 @@
+"""What a load hands back: ``LoadedModel``, its tensors, plan, report and device map."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import torch
+
+from streamload.events import LoadReport
+from streamload.model import ModelSpec
+from streamload.planner import Plan
+
+__all__ = ["LoadedModel"]
+
+
+class LoadedModel:
+    """A loaded checkpoint: ``tensors`` by checkpoint name, each on its final device.
+
+    ``plan`` is the plan actually used (after any re-plan), ``report`` what the load did.
+    ``device_map`` is the placement in Hugging Face form, module prefix -> *torch* device
+    (``{"model.embed_tokens": "cuda:0", "model.layers.0": "cuda:0", ..., "lm_head": "cuda:0"}``),
+    accepted as-is by ``accelerate.dispatch_model`` and ``from_pretrained(device_map=...)``.
+    Tensors on a ``SimulatedGPU`` live in host memory, so their modules map to ``"cpu"`` there;
+    ``placement`` gives the same keys with streamload's device names (``"sim:0"``).
+
+    ``release()`` drops every reference the library holds; device memory returns once the
+    caller's own references to the tensors are gone too. ``async with await load(...) as m:``
+    releases on exit.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        plan: Plan,
+        report: LoadReport,
+        spec: ModelSpec,
+    ) -> None:
+        self.tensors = tensors
+        self.plan = plan
+        self.report = report
+        self.spec = spec
+        self.placement = _placement(spec, plan)
+        self.device_map = _torch_device_map(spec, self.placement, tensors)
+
+    def release(self) -> None:
+        """Drop every tensor reference the library holds (idempotent)."""
+        self.tensors.clear()
+
+    async def __aenter__(self) -> LoadedModel:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return (
+            f"LoadedModel({self.report.path!r}, tensors={len(self.tensors)}, "
+            f"devices={[d.device for d in self.report.devices]})"
+        )
+
+
+def _placement(spec: ModelSpec, plan: Plan) -> dict[str, str]:
+    mapping = {part.name: plan.primary for part in spec.non_mapped}
+    for layer in spec.layers:
+        mapping[layer.prefix] = plan.layer_devices[layer.index]
+    return mapping
+
+
+def _torch_device_map(
+    spec: ModelSpec, placement: dict[str, str], tensors: dict[str, torch.Tensor]
+) -> dict[str, str]:
+    """Module -> the torch device its tensors are on (``"cuda:0"``, ``"cpu"``)."""
+    first: dict[str, str] = {}
+    for part in spec.non_mapped:
+        if part.tensors:
+            first[part.name] = part.tensors[0]
+    for layer in spec.layers:
+        if layer.tensors:
+            first[layer.prefix] = layer.tensors[0]
+    mapping = {}
+    for module, device in placement.items():
+        name = first.get(module)
+        mapping[module] = str(tensors[name].device) if name in tensors else device
+    return mapping

@@ -1,0 +1,441 @@
+"""The reader: shard files, the staging ring, the read queue and its lanes, the prefetch.
+
+Staged devices (CUDA, ``SimulatedGPU``) read each chunk into a slot of a host staging ring
+(pinned on CUDA; ``LoadParams.staging_bytes`` in all, independent of the model's size) at its
+file offset's position modulo ``STAGING_ALIGN`` and copy it to the device; a slot is refilled
+only after its copy's fence completes. Unstaged devices are read into directly with
+``os.preadv`` by up to ``reader_threads // 2`` lanes for the whole load, each a worker thread
+taking chunk after chunk from one queue in plan order, across unit boundaries, until it is
+empty (``ReadQueue``; cancellation is checked between chunks). Reads run in worker threads
+under one ``CapacityLimiter`` of ``reader_threads``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
+import torch
+
+from streamload import _hostmem
+from streamload.devices import Device, Fence
+from streamload.engine._boundary import single
+from streamload.engine._flight import InFlight
+from streamload.engine._units import STAGING_ALIGN, Chunk, Unit, runs
+from streamload.errors import CheckpointError, StreamloadError, TruncatedDataError
+from streamload.model import ModelSpec
+from streamload.params import LoadParams
+
+__all__ = [
+    "Files",
+    "PageCache",
+    "ReadQueue",
+    "Reader",
+    "StagingRing",
+    "host_view",
+    "read_into",
+    "ring_slots",
+    "start_workers",
+    "usable_cpus",
+]
+
+
+def host_view(tensor: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous host tensor's bytes (no numpy needed).
+
+    The caller keeps ``tensor`` alive while the view is in use.
+    """
+    assert tensor.device.type == "cpu"
+    assert tensor.is_contiguous()
+    nbytes = tensor.numel() * tensor.element_size()
+    array = (ctypes.c_uint8 * nbytes).from_address(tensor.data_ptr())
+    return memoryview(array).cast("B")
+
+
+class Files:
+    """One read-only descriptor per shard for the whole load, checked against the headers."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self._fds: dict[Path, int] = {}
+        self._sizes = {shard.path: shard.file_size for shard in spec.checkpoint.shards}
+        self._lock = threading.Lock()
+
+    def fd(self, path: Path) -> int:
+        """The shard's descriptor, opened on first use (thread-safe)."""
+        fd = self._fds.get(path)
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is not None:
+                return fd
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise CheckpointError(path, f"cannot open: {exc.strerror}") from exc
+            self._fds[path] = fd
+        size = os.fstat(fd).st_size
+        if size != self._sizes[path]:
+            raise TruncatedDataError(
+                path,
+                f"file changed since its header was read: {size} bytes, "
+                f"expected {self._sizes[path]}",
+            )
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            while self._fds:
+                _, fd = self._fds.popitem()
+                os.close(fd)
+
+
+def read_into(fd: int, views: list[memoryview], offset: int, path: Path, tensor: str) -> None:
+    """Fill ``views`` from ``fd`` at ``offset``; a short file is ``TruncatedDataError``."""
+    pending = [v for v in views if v.nbytes]
+    while pending:
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, pending, offset)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, pending[0].nbytes, offset)
+            pending[0][: len(data)] = data
+            got = len(data)
+        if got == 0:
+            raise TruncatedDataError(
+                path, f"file ends at byte {offset}, before the tensor's data", tensor=tensor
+            )
+        offset += got
+        while pending and got >= pending[0].nbytes:
+            got -= pending[0].nbytes
+            pending.pop(0)
+        if got:
+            pending[0] = pending[0][got:]
+
+
+def read_direct(files: Files, chunk: Chunk) -> None:
+    """Read ``chunk`` straight into its host destinations (blocking), faulting in first the
+    4 KiB pages the pieces say (``_hostmem.prefault``)."""
+    for piece in chunk.pieces:
+        if piece.fault_from < len(piece.dst):
+            _hostmem.prefault(piece.dst[piece.fault_from :])
+    views = [host_view(piece.dst) for piece in chunk.pieces]
+    try:
+        read_into(files.fd(chunk.path), views, chunk.offset, chunk.path, chunk.pieces[0].tensor)
+    finally:
+        for view in views:
+            view.release()
+
+
+@dataclass(slots=True)
+class Slot:
+    buffer: torch.Tensor  # uint8 host buffer (pinned on CUDA)
+    view: memoryview  # writable view of the same bytes, for preadv
+    fence: Fence | None = None
+
+
+def read_staged(files: Files, device: Device, chunk: Chunk, slot: Slot) -> Fence:
+    """Read ``chunk`` into ``slot`` and start its copies to ``device`` (blocking); returns the
+    fence of the last copy (copies to one device complete in order)."""
+    if slot.fence is not None:
+        slot.fence.wait()  # the previous copy out of this slot has finished
+        slot.fence = None
+    tensor = chunk.pieces[0].tensor
+    lead = chunk.offset % STAGING_ALIGN  # co-align with the page cache
+    if lead + chunk.nbytes > len(slot.view):
+        lead = 0
+    view = slot.view[lead : lead + chunk.nbytes]
+    read_into(files.fd(chunk.path), [view], chunk.offset, chunk.path, tensor)
+    fence: Fence | None = None
+    for piece in chunk.pieces:
+        if piece.fault_from < len(piece.dst) and piece.dst.device.type == "cpu":
+            _hostmem.prefault(piece.dst[piece.fault_from :])
+        at = lead + piece.at
+        fence = device.copy_from_host(piece.dst, slot.buffer[at : at + piece.dst.numel()])
+    assert fence is not None
+    slot.fence = fence
+    return fence
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)  # pragma: no cover - platforms without affinity
+
+
+def ring_slots(params: LoadParams, cpus: int) -> int:
+    """How many ``chunk_bytes`` slots the staging ring gets.
+
+    A staged read is a copy by the CPU (page cache to the slot) and, on a simulated GPU,
+    another (slot to device memory). Slots beyond what the CPUs can keep busy only add host
+    memory that has to be faulted in and falls out of cache; one slot fewer than that leaves
+    the disk idle on a cold load (the CHANGELOG has the measurements). So: the usable CPUs + 1,
+    at most ``staging_bytes // chunk_bytes`` (the budget), at most ``reader_threads`` (no more
+    reads run at once), and at least 2 (one slot fills while the other's copy runs).
+    """
+    return max(2, min(params.staging_bytes // params.chunk_bytes, params.reader_threads, cpus + 1))
+
+
+class StagingRing:
+    """Fixed host buffers reused in turn; a slot is refilled only after its copy's fence.
+
+    Free slots are handed out oldest-released first: on CUDA the copy out of the slot released
+    longest ago is the likeliest to have finished already.
+    """
+
+    def __init__(self, slots: list[Slot], slot_bytes: int) -> None:
+        self.slot_bytes = slot_bytes
+        self._slots = list(slots)
+        self._free = deque(slots)
+        self._available = anyio.Semaphore(len(slots))
+
+    @staticmethod
+    def make_slots(device: Device, count: int, slot_bytes: int) -> list[Slot]:
+        """``count`` host buffers from ``device`` (pinned on CUDA; blocking)."""
+        slots = []
+        for _ in range(count):
+            buffer = device.host_buffer(slot_bytes)
+            slots.append(Slot(buffer, host_view(buffer)))
+        return slots
+
+    @property
+    def nbytes(self) -> int:
+        return self.slot_bytes * len(self._slots)
+
+    async def acquire(self) -> Slot:
+        await self._available.acquire()
+        return self._free.popleft()
+
+    def release(self, slot: Slot) -> None:
+        self._free.append(slot)
+        self._available.release()
+
+    def close(self) -> None:
+        """Wait for outstanding copies (blocking) and drop the buffers."""
+        for slot in self._slots:
+            if slot.fence is not None:
+                slot.fence.wait()
+            slot.view.release()
+        self._slots.clear()
+        self._free.clear()
+
+
+class ReadQueue:
+    """The chunks to read straight into host memory, in plan order, and the reader lanes
+    (worker threads) taking them.
+
+    Lanes are started as units are queued, up to ``lanes``, and each reads chunk after chunk,
+    across unit boundaries, until the queue is empty; then it ends (and gives its
+    ``CapacityLimiter`` token back). So a unit's last chunks and the next unit's first ones are
+    read side by side, with one event-loop round trip per lane run and per unit read instead of
+    one per lane and unit. Thread-safe.
+    """
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+        self._lock = threading.Lock()
+        self._work: deque[tuple[InFlight, Chunk]] = deque()
+        self._running = 0
+
+    def put(self, flight: InFlight) -> int:
+        """Queue ``flight``'s chunks; returns how many lanes to start for them."""
+        with self._lock:
+            flight.pending = len(flight.chunks)
+            self._work.extend((flight, chunk) for chunk in flight.chunks)
+            start = max(0, min(self.lanes, len(self._work)) - self._running)
+            self._running += start
+            return start
+
+    def take(self) -> tuple[InFlight, Chunk] | None:
+        """The next chunk, or ``None`` when there is none (the calling lane then ends)."""
+        with self._lock:
+            if self._work:
+                return self._work.popleft()
+            self._running -= 1
+            return None
+
+    def leave(self) -> None:
+        """A lane ends without emptying the queue (cancelled)."""
+        with self._lock:
+            self._running -= 1
+
+    def read(self, flight: InFlight, error: BaseException | None) -> bool:
+        """Count one of ``flight``'s chunks as read (``error``: failed; the first is kept and
+        its unit's other chunks are skipped). True when it was the unit's last one."""
+        with self._lock:
+            if error is not None and flight.error is None:
+                flight.error = error
+            flight.pending -= 1
+            return flight.pending == 0
+
+
+class Reader:
+    """Reads units into their destinations: staged through the ring, or by the lanes.
+
+    ``on_filled`` runs on the event loop when a unit's reads are over (its ``done`` is then
+    set); read errors are kept on the unit for the orchestrator to raise in order.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, params: LoadParams, on_filled: Callable[[InFlight], None]
+    ) -> None:
+        self.files = Files(spec)
+        self._params = params
+        self._on_filled = on_filled
+        self._limiter = anyio.CapacityLimiter(params.reader_threads)
+        self._queue = ReadQueue(max(1, params.reader_threads // 2))
+        self._ring: StagingRing | None = None
+        self._ring_lock = anyio.Lock()
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host bytes in the staging ring (0 while no staged unit was read)."""
+        return 0 if self._ring is None else self._ring.nbytes
+
+    def start(self, flight: InFlight, group: anyio.abc.TaskGroup) -> None:
+        """Start reading ``flight`` in ``group`` (on the event loop)."""
+        if flight.device.staged:
+            group.start_soon(self._fill, flight)
+        elif not flight.chunks:
+            self._filled(flight)
+        else:
+            for _ in range(self._queue.put(flight)):
+                group.start_soon(self._lane)
+
+    def prefetch(self, unit: Unit, probe: Callable[[], object]) -> None:
+        """Ask the kernel to start reading ``unit``'s bytes into the page cache now, so the
+        disk works ahead of the allocation window (no process memory is used); blocking.
+        ``probe`` runs first (the page-cache warmth probe must see the cache before the
+        read-ahead fills it). Best effort: a file that cannot be opened is reported by the
+        read, in context."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        with contextlib.suppress(OSError, StreamloadError):
+            probe()
+        for path, start, end in runs(unit):
+            with contextlib.suppress(OSError, StreamloadError):
+                os.posix_fadvise(self.files.fd(path), start, end - start, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        """Wait for outstanding copies, drop the ring, close every file (blocking)."""
+        if self._ring is not None:
+            with contextlib.suppress(Exception):
+                self._ring.close()
+            self._ring = None
+        self.files.close()
+
+    def _filled(self, flight: InFlight) -> None:
+        flight.filled = time.perf_counter()
+        flight.done.set()
+        self._on_filled(flight)
+
+    async def _fill(self, flight: InFlight) -> None:
+        """Read and copy every chunk of one unit bound for a staged device."""
+        try:
+            async with anyio.create_task_group() as group:
+                for chunk in flight.chunks:
+                    group.start_soon(self._staged_chunk, flight, chunk)
+        except Exception as exc:
+            flight.error = single(exc)
+        finally:
+            self._filled(flight)
+
+    async def _staged_chunk(self, flight: InFlight, chunk: Chunk) -> None:
+        ring = await self._ring_for(flight.device)
+        slot = await ring.acquire()
+        try:
+            fence = await anyio.to_thread.run_sync(
+                read_staged, self.files, flight.device, chunk, slot, limiter=self._limiter
+            )
+            flight.fences.append(fence)
+        finally:
+            ring.release(slot)
+
+    async def _ring_for(self, device: Device) -> StagingRing:
+        """The load's staging ring, made on first use in a worker thread (pinning host memory
+        can take tens of milliseconds, too long for the event loop)."""
+        async with self._ring_lock:
+            if self._ring is None:
+                params = self._params
+                count = ring_slots(params, usable_cpus())
+                slots = await anyio.to_thread.run_sync(
+                    StagingRing.make_slots, device, count, params.chunk_bytes
+                )
+                self._ring = StagingRing(slots, params.chunk_bytes)
+        return self._ring
+
+    async def _lane(self) -> None:
+        await anyio.to_thread.run_sync(self._read_lane, limiter=self._limiter)
+
+    def _read_lane(self) -> None:
+        """One reader lane (a worker thread): chunk after chunk from the queue until it is
+        empty. Cancellation is checked between chunks; a read error is kept for its unit."""
+        queue = self._queue
+        try:
+            anyio.from_thread.check_cancelled()
+        except BaseException:
+            queue.leave()
+            raise
+        while (item := queue.take()) is not None:
+            flight, chunk = item
+            error: BaseException | None = None
+            try:
+                if flight.error is None:
+                    read_direct(self.files, chunk)
+            except Exception as exc:
+                error = exc
+            if queue.read(flight, error):
+                anyio.from_thread.run_sync(self._filled, flight)
+            try:
+                anyio.from_thread.check_cancelled()
+            except BaseException:
+                queue.leave()
+                raise
+
+
+def _no_op() -> None:
+    pass
+
+
+async def start_workers(count: int) -> None:
+    """Make sure the loop's worker-thread pool holds ``count`` threads before reads start.
+
+    anyio starts a worker thread the first time every existing one is busy, and
+    ``Thread.start`` holds the event loop until the new thread runs; started mid-load, with the
+    CPUs busy copying, that stalls the loop far longer than on idle CPUs before planning (the
+    CHANGELOG has the figures). ``count`` calls that are all in flight at once need ``count``
+    threads; threads already idle in the pool are used as they are (anyio retires a thread
+    after 10 s idle).
+    """
+    async with anyio.create_task_group() as group:
+        for _ in range(count):
+            group.start_soon(anyio.to_thread.run_sync, _no_op)
+
+
+class PageCache:
+    """Whether each unit was mostly in the page cache when first asked, before the load's own
+    read-ahead of it (``_hostmem.cached_fraction`` samples it; unknown counts as cold)."""
+
+    def __init__(self, files: Files) -> None:
+        self._files = files
+        self._warm: dict[int, bool] = {}  # by unit identity: units live as long as the load
+
+    def warm(self, unit: Unit) -> bool:
+        """Blocking (reads the page cache's state); the first answer for a unit is kept."""
+        warm = self._warm.get(id(unit))
+        if warm is None:
+            ranges = [(self._files.fd(path), start, end - start) for path, start, end in runs(unit)]
+            fraction = _hostmem.cached_fraction(ranges)
+            warm = self._warm[id(unit)] = fraction is not None and fraction > 0.5
+        return warm
