@@ -27,11 +27,9 @@ from transformers import (
 from streamload.checkpoint import Checkpoint, TensorEntry, open_checkpoint
 from streamload.errors import ConfigError
 from streamload.model import (
-    _FIRST_INDEX,
     LayerSpec,
     ModelSpec,
     VisionFacts,
-    _indexed,
     activation_bytes,
     build_spec,
     inspect,
@@ -41,6 +39,7 @@ from streamload.model import (
     model_facts,
     placed_dtype,
 )
+from streamload.model._spec import _FIRST_INDEX, _indexed
 from streamload.testing import TensorShape, write_sharded
 from streamload.testing import _shapes as shapes
 
