@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import streamload
+import streamload.model
 import streamload.testing
 from streamload import cli
 from streamload.testing import SimulatedGPU, TensorShape, write_sharded
@@ -18,9 +19,9 @@ GiB = 2**30
 
 def test_all_matches_what_the_package_exports() -> None:
     """``__all__`` (ordered by ruff's RUF022) has no duplicates, names only real attributes,
-    and lists every public attribute of ``streamload`` and ``streamload.testing`` defined by
-    the project (as anyio's test_all_attributes does)."""
-    for module in (streamload, streamload.testing):
+    and lists every public attribute of ``streamload``, ``streamload.model`` and
+    ``streamload.testing`` defined by the project (as anyio's test_all_attributes does)."""
+    for module in (streamload, streamload.model, streamload.testing):
         public = sorted(
             name
             for name, value in vars(module).items()

@@ -7,7 +7,9 @@ Checkpoints come from two sources: tiny real ``transformers`` models written wit
 
 from __future__ import annotations
 
+import ast
 import json
+import sys
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +26,13 @@ from transformers import (
     AutoModelForMaskedLM,
 )
 
+import streamload.model
 from streamload.checkpoint import Checkpoint, TensorEntry, open_checkpoint
 from streamload.errors import ConfigError
 from streamload.model import (
-    _FIRST_INDEX,
     LayerSpec,
     ModelSpec,
     VisionFacts,
-    _indexed,
     activation_bytes,
     build_spec,
     inspect,
@@ -41,6 +42,7 @@ from streamload.model import (
     model_facts,
     placed_dtype,
 )
+from streamload.model._spec import _FIRST_INDEX, _indexed
 from streamload.testing import TensorShape, write_sharded
 from streamload.testing import _shapes as shapes
 
@@ -914,3 +916,29 @@ def test_activation_dtype_without_target(dtypes: tuple[str, str], expected: str)
     config = shapes.tiny_llama_config(num_hidden_layers=1)
 
     assert expected == build_spec(checkpoint, config, target_dtype=None).activation_dtype
+
+
+def test_model_imports_only_checkpoint_errors_and_the_stdlib() -> None:
+    """DESIGN's layering: ``streamload.model`` reads headers and ``config.json`` only, so it
+    imports ``streamload.checkpoint``, ``streamload.errors``, its own submodules and the
+    standard library (no torch: ``streamload inspect`` and the planner work without it)."""
+    allowed = ("streamload.checkpoint", "streamload.errors", "streamload.model.")
+    package = Path(streamload.model.__file__).parent
+    foreign: dict[str, set[str]] = {}
+    for source in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                # level 1 is a sibling in the package; deeper relative imports leave it
+                prefix = "streamload.model." if node.level == 1 else "." * node.level
+                names = [prefix + (node.module or "")]
+            else:
+                continue
+            for name in names:
+                if (
+                    not name.startswith(allowed)
+                    and name.split(".")[0] not in sys.stdlib_module_names
+                ):
+                    foreign.setdefault(source.name, set()).add(name)
+    assert {} == foreign
