@@ -82,10 +82,13 @@ from streamload.checkpoint import DTYPE_SIZES
 from streamload.devices import resolve_devices
 from streamload.engine import LoadedModel, capacities, load
 from streamload.errors import (
+    CollectiveError,
     DeviceError,
+    DistributedError,
     DoesNotFitError,
     LoadError,
     PlanError,
+    RankFailedError,
     StreamloadError,
     format_bytes,
 )
@@ -122,61 +125,7 @@ logger = structlog.get_logger("streamload")
 
 
 # --------------------------------------------------------------------------------------------
-# Errors
-
-
-class DistributedError(StreamloadError):
-    """A distributed load failed; ``rank``, ``host`` and ``device`` say where, when known."""
-
-    def __init__(
-        self,
-        problem: str,
-        *,
-        rank: int | None = None,
-        host: str | None = None,
-        device: str | None = None,
-    ) -> None:
-        self.problem = problem
-        self.rank = rank
-        self.host = host
-        self.device = device
-        where = [] if rank is None else [f"rank {rank}" + (f" ({host})" if host else "")]
-        if device is not None:
-            where.append(f"device {device}")
-        super().__init__(f"{', '.join(where)}: {problem}" if where else problem)
-
-
-class RankFailedError(DistributedError):
-    """A rank could not survey, plan or load its stage; every rank raises this same error.
-
-    ``phase`` is what the rank was doing; ``error_type`` the class name of the rank's own error.
-    """
-
-    def __init__(
-        self,
-        problem: str,
-        *,
-        rank: int,
-        host: str,
-        phase: str,
-        device: str | None = None,
-        error_type: str = "",
-    ) -> None:
-        self.phase = phase
-        self.error_type = error_type
-        super().__init__(f"{phase}: {problem}", rank=rank, host=host, device=device)
-        self.problem = problem
-
-
-class CollectiveError(DistributedError):
-    """An exchange between ranks did not complete (a peer died, hung, or left the group).
-
-    ``rank`` is the rank that raised it; ``exchange`` names the exchange.
-    """
-
-    def __init__(self, exchange: str, problem: str, *, rank: int, host: str) -> None:
-        self.exchange = exchange
-        super().__init__(f"{exchange} failed: {problem}", rank=rank, host=host)
+# Failures as data
 
 
 @dataclass(frozen=True, slots=True)
