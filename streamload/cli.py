@@ -27,23 +27,30 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import anyio
-import structlog
 import torch
 
 import streamload
 from streamload import events
+from streamload._cmdline import (
+    DeviceArg,
+    Parser,
+    UsageError,
+    arg_type,
+    configured_logging,
+    parse_device,
+    parse_size,
+)
+from streamload.errors import format_bytes
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -57,7 +64,6 @@ __all__ = [
     "Output",
     "Table",
     "build_parser",
-    "format_size",
     "main",
     "parse_device",
     "parse_paged_attention",
@@ -71,51 +77,6 @@ GiB = 2**30
 
 # --------------------------------------------------------------------------------------------
 # Parsing at the edge: strings -> typed values
-
-
-_UNITS: Mapping[str, int] = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
-
-
-def parse_size(text: str) -> int:
-    """A byte count from ``"24GiB"``, ``"24GB"``, ``"512MiB"``, ``"1.5TiB"`` or ``"4096"``.
-
-    Units are case-insensitive: ``KB MB GB TB`` are powers of 1000, ``KiB MiB GiB TiB`` powers
-    of 1024, ``B`` or none means bytes. A bare ``G`` or ``M`` is refused as ambiguous. The result
-    must be a whole number of bytes; anything else raises ``ValueError``.
-    """
-    match = _SIZE.fullmatch(text)
-    unit = _UNITS.get(match.group(2).lower()) if match else None
-    if match is None or unit is None:
-        raise ValueError(
-            f"bad size {text!r}: expected a number with an optional unit "
-            "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB"
-        )
-    value = Decimal(match.group(1)) * unit
-    if value != value.to_integral_value():
-        raise ValueError(f"bad size {text!r}: not a whole number of bytes")
-    return int(value)
-
-
-def format_size(n: int) -> str:
-    """``1536 -> '1.50 KiB'``: binary units, two decimals (the inverse of ``parse_size``)."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{n} B" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{value:.2f} TiB"
 
 
 _PAGED_FORMS = "off, context, context:TOKENS, mb:MIB, util:FRACTION"
@@ -150,39 +111,6 @@ def parse_paged_attention(text: str) -> streamload.PagedAttention | None:
     except ValueError as exc:
         raise ValueError(f"bad paged-attention mode {text!r}: {exc}") from None
     return streamload.PagedAttention(memory=memory)
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceArg:
-    """One ``--device``: ``NAME=SIZE`` is a simulated GPU, a bare ``NAME`` a real device."""
-
-    name: str
-    total_bytes: int | None
-
-
-def parse_device(text: str) -> DeviceArg:
-    """``"sim:0=24GiB" -> DeviceArg("sim:0", 25769803776)``; ``"cuda:1" -> DeviceArg("cuda:1",
-    None)``. The CPU is not a ``--device`` (see ``--cpu-memory`` and ``--no-cpu``)."""
-    name, sep, size = text.partition("=")
-    name = name.strip()
-    if not name:
-        raise ValueError(f"bad device {text!r}: expected NAME=SIZE, e.g. sim:0=24GiB")
-    if name == "cpu":
-        raise ValueError("the CPU is always used last: size it with --cpu-memory, drop it --no-cpu")
-    return DeviceArg(name, parse_size(size) if sep else None)
-
-
-def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse ``type=`` whose ``ValueError`` message is shown as it is."""
-
-    @functools.wraps(parse)
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return convert
 
 
 def _positive_int(text: str) -> int:
@@ -386,14 +314,14 @@ def _show_spec(summary: Mapping[str, Any], out: Output) -> None:
     layers = summary["layers"]
     config = summary["config"]
     low, high = layers["min_bytes"], layers["max_bytes"]
-    per_layer = format_size(low) if low == high else f"{format_size(low)} to {format_size(high)}"
+    per_layer = format_bytes(low) if low == high else f"{format_bytes(low)} to {format_bytes(high)}"
     loads_as = summary["target_dtype"] or "as stored"
     facts = [
         ("checkpoint", f"{summary['path']} ({_plural(len(summary['files']), 'file')})"),
         ("tensors", str(summary["tensors"])),
-        ("total", f"{format_size(summary['total_bytes'])} loaded ({loads_as})"),
-        ("on disk", format_size(summary["stored_bytes"])),
-        ("layers", f"{layers['count']} x {per_layer} = {format_size(layers['bytes'])}"),
+        ("total", f"{format_bytes(summary['total_bytes'])} loaded ({loads_as})"),
+        ("on disk", format_bytes(summary["stored_bytes"])),
+        ("layers", f"{layers['count']} x {per_layer} = {format_bytes(layers['bytes'])}"),
         ("dtypes", ", ".join(f"{k} x {v['tensors']}" for k, v in summary["dtypes"].items())),
         ("model_type", str(config["model_type"])),
         ("hidden size", str(config["hidden_size"])),
@@ -410,14 +338,14 @@ def _show_spec(summary: Mapping[str, Any], out: Output) -> None:
         facts.append(("vision", f"{vision['kind']}, image {vision['image_size']}"))
     out.table(Table("model", ("fact", "value"), tuple(facts)))
     dtype_rows = tuple(
-        (code, str(row["tensors"]), format_size(row["bytes"]))
+        (code, str(row["tensors"]), format_bytes(row["bytes"]))
         for code, row in summary["dtypes"].items()
     )
     out.table(
         Table("dtypes (stored)", ("dtype", "tensors", "bytes"), dtype_rows, frozenset({1, 2}))
     )
     part_rows = tuple(
-        (part["name"], str(part["tensors"]), format_size(part["bytes"]), part["sub_model"] or "-")
+        (part["name"], str(part["tensors"]), format_bytes(part["bytes"]), part["sub_model"] or "-")
         for part in summary["non_mapped"]
     )
     out.table(
@@ -548,7 +476,7 @@ def plan_table(plan: streamload.Plan, title: str = "plan") -> tuple[Table, list[
     for row in plan.devices:
         tags = ["non-mapped parts"] if row.holds_non_mapped else []
         if row.mmap_bytes:
-            tags.append(f"mmap {format_size(row.mmap_bytes)}")
+            tags.append(f"mmap {format_bytes(row.mmap_bytes)}")
         if row.note:
             notes.append(f"[{len(notes) + 1}] {row.device}: {row.note}")
             tags.append(f"[{len(notes)}]")
@@ -557,12 +485,12 @@ def plan_table(plan: streamload.Plan, title: str = "plan") -> tuple[Table, list[
                 row.device,
                 _ranges(row.layers),
                 str(len(row.layers)),
-                format_size(row.weight_bytes),
-                format_size(row.kv_bytes),
-                format_size(row.activation_bytes),
-                format_size(row.reserve_bytes),
-                format_size(row.capacity_bytes),
-                format_size(row.headroom_bytes),
+                format_bytes(row.weight_bytes),
+                format_bytes(row.kv_bytes),
+                format_bytes(row.activation_bytes),
+                format_bytes(row.reserve_bytes),
+                format_bytes(row.capacity_bytes),
+                format_bytes(row.headroom_bytes),
                 ", ".join(tags) or "-",
             )
         )
@@ -684,7 +612,7 @@ class _PlainBar:
         seconds = max(time.perf_counter() - self.started, 1e-9)
         percent = 100 * self.done / self.total if self.total else 100.0
         self.stream.write(
-            f"\r{description}: {format_size(self.done)} / {format_size(self.total)} "
+            f"\r{description}: {format_bytes(self.done)} / {format_bytes(self.total)} "
             f"({percent:.0f}%, {self.done / seconds / 1e9:.2f} GB/s)\x1b[K"
         )
         self.stream.flush()
@@ -751,7 +679,7 @@ def replan_line(event: events.Replanned) -> str:
     at = "before the non-mapped parts" if event.at_layer is None else f"at layer {event.at_layer}"
     return (
         f"re-plan {at}: {event.device} {event.reason} "
-        f"(needs {format_size(event.expected_free)}, has {format_size(event.live_free)}): "
+        f"(needs {format_bytes(event.expected_free)}, has {format_bytes(event.live_free)}): "
         f"{_assignment(event.old_layer_devices)}  ->  {_assignment(event.new_layer_devices)}"
     )
 
@@ -765,7 +693,7 @@ def report_table(report: events.LoadReport, plan: streamload.Plan) -> Table:
             _ranges([i for i, name in enumerate(plan.layer_devices) if name == d.device]),
             str(d.layers),
             str(d.tensors),
-            format_size(d.nbytes),
+            format_bytes(d.nbytes),
             f"{d.seconds:.2f}",
             f"{d.gb_per_s:.2f}",
         )
@@ -779,7 +707,7 @@ def _show_report(model: streamload.LoadedModel, out: Output) -> None:
     report = model.report
     out.table(report_table(report, model.plan))
     out.line(
-        f"loaded {format_size(report.nbytes)} ({report.tensors} tensors) in "
+        f"loaded {format_bytes(report.nbytes)} ({report.tensors} tensors) in "
         f"{report.seconds:.2f} s: {report.gb_per_s:.2f} GB/s read from disk"
     )
     out.line(f"re-plans: {len(report.replans)}")
@@ -820,7 +748,7 @@ def _run_load(
     spec = streamload.inspect(path, params.dtype)
     headline = (
         f"loading {path}: {spec.facts.model_type}, {_plural(len(spec.layers), 'layer')}, "
-        f"{format_size(spec.total_bytes)} ({spec.target_dtype or 'as stored'})"
+        f"{format_bytes(spec.total_bytes)} ({spec.target_dtype or 'as stored'})"
     )
     view = LoadView(out, spec.total_bytes, len(spec.layers), headline)
 
@@ -968,8 +896,8 @@ def _tenant(gpu: SimulatedGPU, nbytes: int, after_layer: int) -> Callable[[Any, 
             taken = True
             gpu.steal(nbytes)
             view.line(
-                f"tenant: took {format_size(nbytes)} on {gpu.name} after layer {after_layer} "
-                f"(live free now {format_size(gpu.free_bytes)})"
+                f"tenant: took {format_bytes(nbytes)} on {gpu.name} after layer {after_layer} "
+                f"(live free now {format_bytes(gpu.free_bytes)})"
             )
 
     return on_event
@@ -993,8 +921,8 @@ def _demo_load(directory: Path, out: Output) -> None:
     # appears then is seen by the recheck before GPU 1's first layer.
     trigger = max(first_on_gpu1 - 2, 0)
     out.line(
-        f"simulated GPUs: sim:0 {format_size(sizes.gpu0)}, sim:1 {format_size(sizes.gpu1)}; "
-        f"another tenant will take {format_size(sizes.steal)} of sim:1 "
+        f"simulated GPUs: sim:0 {format_bytes(sizes.gpu0)}, sim:1 {format_bytes(sizes.gpu1)}; "
+        f"another tenant will take {format_bytes(sizes.steal)} of sim:1 "
         f"once layer {trigger} is placed"
     )
     model = _run_load(directory, params, out, _tenant(gpu1, sizes.steal, trigger))
@@ -1017,7 +945,7 @@ def _cmd_demo(args: argparse.Namespace, out: Output) -> int:
         size = write_demo_checkpoint(directory)
         out.line(
             f"wrote a random Llama-shaped checkpoint ({_DEMO_LAYERS} layers, hidden "
-            f"{_DEMO_HIDDEN}, bf16, {format_size(size)}) to {directory} "
+            f"{_DEMO_HIDDEN}, bf16, {format_bytes(size)}) to {directory} "
             f"in {time.perf_counter() - started:.1f} s"
         )
         _demo_load(directory, out)
@@ -1033,58 +961,7 @@ def _cmd_demo(args: argparse.Namespace, out: Output) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Logging: the one place streamload configures it
-
-
-def _drop(logger: Any, method: str, event_dict: Any) -> NoReturn:
-    raise structlog.DropEvent
-
-
-def _stderr_logger(*args: Any) -> structlog.PrintLogger:
-    # sys.stderr is looked up per log line, so a live progress bar's redirection is honoured.
-    return structlog.PrintLogger(sys.stderr)
-
-
-@contextlib.contextmanager
-def configured_logging(json_logs: bool) -> Iterator[None]:
-    """``json_logs``: every log line as JSON on stderr; else drop the library's lines (the CLI
-    shows the events itself). The previous structlog configuration is restored on exit."""
-    was_configured = structlog.is_configured()
-    saved = structlog.get_config()
-    if json_logs:
-        processors: list[Any] = [
-            structlog.contextvars.merge_contextvars,  # context bound by the caller (e.g. rank)
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ]
-    else:
-        processors = [_drop]
-    structlog.configure(
-        processors=processors,
-        logger_factory=_stderr_logger,
-        cache_logger_on_first_use=False,
-    )
-    try:
-        yield
-    finally:
-        if was_configured:
-            structlog.configure(**saved)
-        else:
-            structlog.reset_defaults()
-
-
-# --------------------------------------------------------------------------------------------
 # Arguments and main
-
-
-class UsageError(Exception):
-    """A bad command line; ``main`` prints it on one line and exits 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
@@ -1092,14 +969,14 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         action="append",
-        type=_arg(parse_device),
+        type=arg_type(parse_device),
         metavar="NAME=SIZE",
         help="a hypothetical GPU, e.g. sim:0=24GiB (repeatable, filled in order); a bare NAME "
         "such as cuda:1 is a real device; without --device: every visible GPU, then the CPU",
     )
     parser.add_argument(
         "--cpu-memory",
-        type=_arg(parse_size),
+        type=arg_type(parse_size),
         metavar="SIZE",
         help="the CPU's memory (default: the host's available memory)",
     )
@@ -1108,29 +985,31 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
         "--cpu-policy", choices=("copy", "mmap"), default="copy", help="CPU layers (default copy)"
     )
     parser.add_argument(
-        "--dtype", type=_arg(_dtype), help="target dtype of floating tensors (default: as stored)"
+        "--dtype",
+        type=arg_type(_dtype),
+        help="target dtype of floating tensors (default: as stored)",
     )
-    parser.add_argument("--max-seq-len", type=_arg(_positive_int), default=4096, metavar="N")
-    parser.add_argument("--max-batch-size", type=_arg(_positive_int), default=1, metavar="N")
+    parser.add_argument("--max-seq-len", type=arg_type(_positive_int), default=4096, metavar="N")
+    parser.add_argument("--max-batch-size", type=arg_type(_positive_int), default=1, metavar="N")
     parser.add_argument(
         "--paged-attention",
-        type=_arg(parse_paged_attention),
+        type=arg_type(parse_paged_attention),
         default=None,
         metavar="MODE",
         help=f"KV cache: {_PAGED_FORMS} (default off)",
     )
     parser.add_argument(
-        "--block-size", type=_arg(_positive_int), metavar="N", help="paged KV block size"
+        "--block-size", type=arg_type(_positive_int), metavar="N", help="paged KV block size"
     )
     parser.add_argument(
         "--gpu-reserve",
-        type=_arg(parse_size),
+        type=arg_type(parse_size),
         metavar="SIZE",
         help="minimum reserve per GPU (default 512MiB; the reserve is max(2%% of total, this))",
     )
     parser.add_argument(
         "--host-reserve",
-        type=_arg(parse_size),
+        type=arg_type(parse_size),
         metavar="SIZE",
         help="host memory kept free (default 2GiB)",
     )
@@ -1138,7 +1017,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="streamload",
         description="Inspect, plan and stream safetensors checkpoints onto GPUs and the CPU.",
     )
@@ -1147,7 +1026,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="layers, bytes, dtypes and config facts")
     inspect.add_argument("path", type=Path, help="checkpoint directory or .safetensors file")
-    inspect.add_argument("--dtype", type=_arg(_dtype), help="count bytes in this dtype")
+    inspect.add_argument("--dtype", type=arg_type(_dtype), help="count bytes in this dtype")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_cmd_inspect, json_logs=False)
 

@@ -78,6 +78,14 @@ import torch
 import torch.distributed as dist
 
 from streamload import planner
+from streamload._cmdline import (
+    Parser,
+    UsageError,
+    arg_type,
+    configured_logging,
+    parse_device,
+    parse_size,
+)
 from streamload.checkpoint import DTYPE_SIZES
 from streamload.devices import resolve_devices
 from streamload.engine import LoadedModel, capacities, load
@@ -1091,18 +1099,7 @@ def report_table(summaries: Sequence[RankSummary]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from streamload.cli import parse_device, parse_size  # the main command's parsing
-
-    def typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-        def convert(text: str) -> Any:
-            try:
-                return parse(text)
-            except ValueError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
-
-        return convert
-
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m streamload.distributed",
         description="Load one pipeline stage of a checkpoint per rank (run under torchrun).",
     )
@@ -1112,13 +1109,13 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--device",
         action="append",
-        type=typed(parse_device),
+        type=arg_type(parse_device),
         help="a rank's device, in fill order: NAME=SIZE is a simulated GPU (sim:0=24GiB), a "
         "bare NAME a real one (cuda:1); default: cuda:LOCAL_RANK where CUDA is available",
     )
     load.add_argument("--all-local-gpus", action="store_true", help="one rank per node: every GPU")
     load.add_argument("--no-cpu", action="store_true", help="do not spill layers to the CPU")
-    load.add_argument("--cpu-memory", type=typed(parse_size), help="host budget per rank")
+    load.add_argument("--cpu-memory", type=arg_type(parse_size), help="host budget per rank")
     load.add_argument("--dtype", help="target dtype for floating tensors (bf16, fp16, ...)")
     load.add_argument("--max-seq-len", type=int, default=4096)
     load.add_argument("--max-batch-size", type=int, default=1)
@@ -1160,8 +1157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Exit status: 0 on success; 2 for a bad argument or any ``StreamloadError``, the same one
     line on every rank's stderr when a rank failed; 130 when interrupted."""
-    args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as exc:
+        return _fail(rank, str(exc))
     try:
         params = LoadParams(
             devices=_devices(args, int(os.environ.get("LOCAL_RANK", "0"))),
@@ -1176,8 +1176,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = dist.get_rank()
     progress = None if args.json_logs else _Progress(rank, sys.stdout)
     try:
-        from streamload.cli import configured_logging  # the CLI's logging, with the rank bound
-
         with configured_logging(args.json_logs):
             model = anyio.run(_cli_load, args.path, params, progress, args.peer_timeout)
     except StreamloadError as exc:
