@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 import streamload
+import streamload.cli
+import streamload.distributed
 import streamload.testing
 from streamload import cli
 from streamload.testing import SimulatedGPU, TensorShape, write_sharded
@@ -18,9 +20,10 @@ GiB = 2**30
 
 def test_all_matches_what_the_package_exports() -> None:
     """``__all__`` (ordered by ruff's RUF022) has no duplicates, names only real attributes,
-    and lists every public attribute of ``streamload`` and ``streamload.testing`` defined by
-    the project (as anyio's test_all_attributes does)."""
-    for module in (streamload, streamload.testing):
+    and lists every public attribute of ``streamload``, ``streamload.testing`` and the faces of
+    the ``streamload.cli`` and ``streamload.distributed`` packages defined by the project (as
+    anyio's test_all_attributes does)."""
+    for module in (streamload, streamload.testing, streamload.cli, streamload.distributed):
         public = sorted(
             name
             for name, value in vars(module).items()
