@@ -16,9 +16,12 @@ Every error the library raises on purpose derives from one root, so a server can
     ├── DeviceError                a device could not be found, probed or used
     ├── LoadError                  streaming failed (names the layer, tensor, device)
     │   └── ReplanLimitError       devices kept under-delivering past the re-plan bound
-    └── DistributedError           (``streamload.distributed``) a multi-rank load failed
-        ├── RankFailedError        a rank failed; every rank raises the same message
-        └── CollectiveError        a peer died or went silent
+    └── DistributedError           a multi-rank load (``streamload.distributed``) failed
+        │                          (names the ``rank``, its ``host`` and ``device``)
+        ├── RankFailedError        a rank could not survey, plan or load its stage: every
+        │                          rank raises the same message
+        └── CollectiveError        an exchange did not complete: a peer died, hung past
+                                   ``peer_timeout``, or the process group is unusable
 
 Foreign exceptions (``json``, ``struct``, ``OSError``, ``pynvml.NVMLError``,
 ``torch.OutOfMemoryError``) are translated where they are first met, always with
@@ -33,15 +36,18 @@ from pathlib import Path
 
 __all__ = [
     "CheckpointError",
+    "CollectiveError",
     "ConfigError",
     "CorruptHeaderError",
     "DeviceError",
     "DeviceNeed",
+    "DistributedError",
     "DoesNotFitError",
     "IndexMismatchError",
     "LoadError",
     "MissingShardError",
     "PlanError",
+    "RankFailedError",
     "ReplanLimitError",
     "StreamloadError",
     "TruncatedDataError",
@@ -178,3 +184,57 @@ class LoadError(StreamloadError):
 
 class ReplanLimitError(LoadError):
     """Devices kept under-delivering after the configured number of re-plans."""
+
+
+class DistributedError(StreamloadError):
+    """A distributed load failed; ``rank``, ``host`` and ``device`` say where, when known."""
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        rank: int | None = None,
+        host: str | None = None,
+        device: str | None = None,
+    ) -> None:
+        self.problem = problem
+        self.rank = rank
+        self.host = host
+        self.device = device
+        where = [] if rank is None else [f"rank {rank}" + (f" ({host})" if host else "")]
+        if device is not None:
+            where.append(f"device {device}")
+        super().__init__(f"{', '.join(where)}: {problem}" if where else problem)
+
+
+class RankFailedError(DistributedError):
+    """A rank could not survey, plan or load its stage; every rank raises this same error.
+
+    ``phase`` is what the rank was doing; ``error_type`` the class name of the rank's own error.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        rank: int,
+        host: str,
+        phase: str,
+        device: str | None = None,
+        error_type: str = "",
+    ) -> None:
+        self.phase = phase
+        self.error_type = error_type
+        super().__init__(f"{phase}: {problem}", rank=rank, host=host, device=device)
+        self.problem = problem
+
+
+class CollectiveError(DistributedError):
+    """An exchange between ranks did not complete (a peer died, hung, or left the group).
+
+    ``rank`` is the rank that raised it; ``exchange`` names the exchange.
+    """
+
+    def __init__(self, exchange: str, problem: str, *, rank: int, host: str) -> None:
+        self.exchange = exchange
+        super().__init__(f"{exchange} failed: {problem}", rank=rank, host=host)

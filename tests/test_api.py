@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 import streamload
+import streamload.cli
+import streamload.devices
+import streamload.distributed
+import streamload.engine
 import streamload.model
+import streamload.planner
 import streamload.testing
 from streamload import cli
 from streamload.testing import SimulatedGPU, TensorShape, write_sharded
@@ -19,9 +24,11 @@ GiB = 2**30
 
 def test_all_matches_what_the_package_exports() -> None:
     """``__all__`` (ordered by ruff's RUF022) has no duplicates, names only real attributes,
-    and lists every public attribute of ``streamload``, ``streamload.model`` and
-    ``streamload.testing`` defined by the project (as anyio's test_all_attributes does)."""
-    for module in (streamload, streamload.model, streamload.testing):
+    and lists every public attribute of ``streamload``, ``streamload.testing`` and the faces of
+    the ``cli``, ``devices``, ``distributed``, ``engine``, ``model`` and ``planner`` packages
+    defined by the project (as anyio's test_all_attributes does)."""
+    faces = (streamload.cli, streamload.devices, streamload.distributed, streamload.engine)
+    for module in (streamload, streamload.testing, *faces, streamload.model, streamload.planner):
         public = sorted(
             name
             for name, value in vars(module).items()

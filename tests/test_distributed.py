@@ -32,6 +32,7 @@ from streamload.distributed import (
     StageAssigned,
     is_input_part,
     load_distributed,
+    main,
     split_stages,
     stage_spec,
 )
@@ -590,3 +591,21 @@ def test_command_fails_on_every_rank_with_one_message(tied: Path) -> None:
         "max_seq_len"
     )
     assert expected == errors[0][1]
+
+
+def test_command_reports_a_bad_argument_in_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad argument stops the rank before it joins the group: exit status 2, nothing on
+    stdout, one ``streamload.distributed: error: [rank R] ...`` line naming the argument and
+    where help is (the same form as every other failure of the command)."""
+    monkeypatch.delenv("RANK", raising=False)
+    code = main(["load", "nowhere", "--device", "sim:0=lots"])
+    out, err = capsys.readouterr()
+    assert (2, "") == (code, out)
+    expected = (
+        "streamload.distributed: error: [rank 0] argument --device: bad size 'lots': expected "
+        "a number with an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB "
+        "(see 'python -m streamload.distributed load --help')"
+    )
+    assert [expected] == err.splitlines()
