@@ -9,7 +9,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any
+from typing import Any, Protocol
 
 from streamload import planner
 from streamload.checkpoint import DTYPE_SIZES
@@ -72,15 +72,39 @@ class Stage:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {
-            "rank": self.rank,
-            "host": self.host,
-            "start": self.start,
-            "stop": self.stop,
-            "parts": list(self.parts),
-            "tied_sources": list(self.tied_sources),
+            **placement_fields(self),
             "plan": self.plan.to_dict(),
             "cpu_memory_bytes": self.cpu_memory_bytes,
         }
+
+
+class _Placed(Protocol):
+    """What a stage and a rank's summary both say about where a rank's share of a model is."""
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def stop(self) -> int: ...
+    @property
+    def parts(self) -> tuple[str, ...]: ...
+    @property
+    def tied_sources(self) -> tuple[str, ...]: ...
+
+
+def placement_fields(item: _Placed) -> dict[str, Any]:
+    """The JSON-ready fields saying which rank holds which layers and parts."""
+    return {
+        "rank": item.rank,
+        "host": item.host,
+        "start": item.start,
+        "stop": item.stop,
+        "parts": list(item.parts),
+        "tied_sources": list(item.tied_sources),
+    }
 
 
 @dataclass(frozen=True, slots=True)
