@@ -124,7 +124,10 @@ class _Load:
             if self.parts is not None:
                 self.parts.budget.release()
                 with anyio.CancelScope(shield=True):
+                    # Copies still in flight may write into the conversion scratch: the reader
+                    # waits for them before the scratch goes.
                     await anyio.to_thread.run_sync(self.parts.reader.close)
+                self.parts.destinations.release()
 
     async def _setup(self) -> _Parts:
         params = self.params
@@ -138,8 +141,8 @@ class _Load:
         unit_list = units(spec)
         scratch = conversion_scratch(spec)
         reader = Reader(spec, params, self._filled)
-        destinations = Destinations(spec, params, reader.files)
-        budget = Budget(spec, devices, params, scratch=scratch, transient=destinations.transient)
+        destinations = Destinations(spec, params, reader.files, scratch)
+        budget = Budget(spec, devices, params, transient=destinations.transient)
         return _Parts(
             spec, unit_list, budget, reader, destinations, PageCache(reader.files), scratch
         )
@@ -176,7 +179,6 @@ class _Load:
             flight = await self._allocate(unit, parts_left)
             if unit.layer is None:
                 parts_left -= unit.nbytes
-            p.budget.reserve(unit.layer + 1 if unit.layer is not None else 0, parts_left)
             self.inflight.append(flight)
             p.reader.start(flight, group)
 
@@ -250,7 +252,9 @@ class _Load:
                     await self._emit(*events)
                     continue
             try:
-                return await anyio.to_thread.run_sync(self._allocate_sync, unit, device, live)
+                return await anyio.to_thread.run_sync(
+                    self._allocate_sync, unit, device, live, parts_left
+                )
             except torch.OutOfMemoryError as exc:
                 reason = f"allocation failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
                 del exc
@@ -263,12 +267,21 @@ class _Load:
                 )
                 await self._emit(*events)
 
-    def _allocate_sync(self, unit: Unit, device: Device, live: int | None) -> InFlight:
-        """Allocate ``unit`` on ``device`` (blocking); ``live``: the free memory read before,
-        or ``None`` to read it here first."""
+    def _allocate_sync(
+        self, unit: Unit, device: Device, live: int | None, parts_left: int
+    ) -> InFlight:
+        """Allocate ``unit`` on ``device`` (blocking) and shrink the load's reservation by what
+        it took, in one step for other loads' readings (``Budget.allocating``); ``live``: the
+        free memory read before, or ``None`` to read it here first."""
+        budget = self.p.budget
         if live is None:
-            live = self.p.budget.live_free(device)
-        return self.p.destinations.allocate(unit, device, self._layout(unit, device), live)
+            live = budget.live_free(device)
+        how = self._layout(unit, device)
+        with budget.allocating(device):
+            flight = self.p.destinations.allocate(unit, device, how, live)
+            after = parts_left - unit.nbytes if unit.layer is None else parts_left
+            budget.reserve(unit.layer + 1 if unit.layer is not None else 0, after)
+        return flight
 
     async def _finish(self, flight: InFlight) -> None:
         await flight.done.wait()
