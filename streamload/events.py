@@ -25,6 +25,7 @@ __all__ = [
     "Event",
     "EventCallback",
     "LayerPlaced",
+    "LayersMoved",
     "LoadFailed",
     "LoadFinished",
     "LoadReport",
@@ -86,6 +87,23 @@ class Replanned:
 
 
 @dataclass(frozen=True, slots=True)
+class LayersMoved:
+    """Placed ``layers`` moved from ``from_device`` to ``to_device``: another tenant took what
+    they still needed there (their KV cache, the device's activations or its reserve), so the
+    device spilled its last placed layers to the devices after it (DESIGN §5).
+
+    ``reason`` says what the device had against what it needed; ``seconds`` the copies took.
+    """
+
+    layers: tuple[int, ...]
+    from_device: str
+    to_device: str
+    reason: str
+    nbytes: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class PagedAttentionDisabled:
     """The plan needs the CPU, so the KV cache is sized non-paged."""
 
@@ -113,7 +131,8 @@ class LoadReport:
 
     ``nbytes`` placed (target dtype); ``stored_bytes`` read from disk; ``seconds`` the whole
     load (inventory, planning and streaming); ``gb_per_s`` is ``stored_bytes / seconds / 1e9``.
-    ``replans`` holds every ``Replanned`` event, ``fallbacks`` every ``PagedAttentionDisabled``.
+    ``replans`` holds every ``Replanned`` event, ``fallbacks`` every ``PagedAttentionDisabled``,
+    ``moves`` every ``LayersMoved``.
     ``staging_bytes`` is the staging ring's size; ``huge_page_bytes`` the bytes of placed host
     tensors in memory advised into transparent huge pages (whole 2 MiB stretches,
     ``LoadParams.huge_pages``).
@@ -130,6 +149,7 @@ class LoadReport:
     fallbacks: tuple[PagedAttentionDisabled, ...] = ()
     staging_bytes: int = 0
     huge_page_bytes: int = 0
+    moves: tuple[LayersMoved, ...] = ()
 
     @property
     def gb_per_s(self) -> float:
@@ -151,7 +171,13 @@ class LoadFailed:
 
 
 Event: TypeAlias = (
-    PlanComputed | LayerPlaced | Replanned | PagedAttentionDisabled | LoadFinished | LoadFailed
+    PlanComputed
+    | LayerPlaced
+    | Replanned
+    | LayersMoved
+    | PagedAttentionDisabled
+    | LoadFinished
+    | LoadFailed
 )
 EventCallback: TypeAlias = Callable[[Event], "Awaitable[None] | None"]
 
@@ -159,6 +185,7 @@ _EVENT_NAMES: Mapping[type[Any], str] = {
     PlanComputed: "plan_computed",
     LayerPlaced: "layer_placed",
     Replanned: "replanned",
+    LayersMoved: "layers_moved",
     PagedAttentionDisabled: "paged_attention_disabled",
     LoadFinished: "load_finished",
     LoadFailed: "load_failed",
@@ -208,6 +235,7 @@ def event_fields(event: Event) -> dict[str, Any]:
             "seconds": round(report.seconds, 6),
             "gb_per_s": round(report.gb_per_s, 3),
             "replans": len(report.replans),
+            "moves": len(report.moves),
             "fallbacks": [f.reason for f in report.fallbacks],
             "staging_bytes": report.staging_bytes,
             "huge_page_bytes": report.huge_page_bytes,
@@ -236,7 +264,8 @@ def event_name(event: Event) -> str:
 def log_event(event: Event, log: Any = None) -> None:
     """Log one event as a structlog key-value line (the library's only logging)."""
     target = logger if log is None else log
-    method = target.warning if isinstance(event, (LoadFailed, Replanned)) else target.info
+    warn = isinstance(event, LoadFailed | Replanned | LayersMoved)
+    method = target.warning if warn else target.info
     method(event_name(event), **event_fields(event))
 
 

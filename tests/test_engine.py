@@ -265,27 +265,30 @@ async def test_under_delivery_after_each_layer_replans_and_stays_exact(
         assert replan.new_layer_devices == tuple(logged["new_layer_devices"])
 
 
-async def test_tenant_taking_what_placed_layers_need_fails_cleanly(ckpt: Path) -> None:
-    """If a tenant takes even the room the already-placed layers' KV cache needs, placed layers
-    cannot move: the load fails with ``DoesNotFitError`` naming the device, and releases
-    everything."""
-    devices: list[Any] = [
-        sized_gpu("sim:0", ckpt, 1.5, primary=True),
-        sized_gpu("sim:1", ckpt, 3.5, primary=False),
-        "cpu",
-    ]
-    gpu1 = devices[1]
-    assert ("sim:0", "sim:1", "sim:1", "sim:1") == streamload.plan(
-        ckpt, params(devices)
-    ).layer_devices[:4]
+async def test_a_primary_that_cannot_keep_its_non_mapped_parts_fails_cleanly(
+    ckpt: Path,
+) -> None:
+    """If a tenant takes even what the primary's non-mapped parts need (their activations and
+    reserve), no spill helps: the load fails with ``DoesNotFitError`` naming the primary, with
+    every device's numbers, and releases everything. (Placed layers that no longer fit spill to
+    the devices after theirs instead: ``tests/test_spill.py``.)"""
+    # Long sequences: the primary's activations outweigh the layer it could pass on.
+    long = {"max_seq_len": 512, "attention_chunk": 512}
+    probe = streamload.plan(ckpt, params([SimulatedGPU("probe", total_bytes=2**40)], **long))
+    row, spec = probe.devices[0], streamload.inspect(ckpt)
+    layer = spec.layers[0].nbytes + probe.layer_kv_bytes[0]
+    gpu0 = SimulatedGPU("sim:0", int(row.activation_bytes + spec.non_mapped_bytes + 1.5 * layer))
+    devices: list[Any] = [gpu0, SimulatedGPU("sim:1", total_bytes=2**30), "cpu"]
+    assert layer < row.activation_bytes
 
     def on_event(event: Event) -> None:
-        if isinstance(event, LayerPlaced) and event.layer == 1:
-            gpu1.steal(gpu1.free_bytes)
+        if isinstance(event, LayerPlaced) and event.layer == 0:
+            gpu0.steal(gpu0.free_bytes)
 
     with pytest.raises(streamload.DoesNotFitError) as info:
-        await streamload.load(ckpt, params(devices), on_event=on_event)
-    assert "sim:1" in str(info.value)
+        await streamload.load(ckpt, params(devices, **long), on_event=on_event)
+    assert "sim:0" in str(info.value)
+    assert {"sim:0", "sim:1", "cpu"} <= {need.device for need in info.value.devices}
     assert [0, 0] == [devices[0].allocated_bytes, devices[1].allocated_bytes]
     assert [] == open_fds_under(ckpt)
 

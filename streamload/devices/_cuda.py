@@ -126,6 +126,21 @@ class CudaDevice:
         dst.record_stream(stream)
         return CudaFence(event)
 
+    def receive(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
+        """A peer (or host) copy of a complete ``src`` into ``dst`` on this device's copy
+        stream, ordered after the work queued where ``dst`` was allocated. The stream is
+        entered under this device's guard, so leaving it restores this device's stream, not
+        device 0's (which would create a context there); the event blocks rather than spins."""
+        stream = self._copy_stream()
+        current = torch.cuda.current_stream(self._device)
+        event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
+        with torch.cuda.device(self._ordinal), torch.cuda.stream(stream):
+            stream.wait_stream(current)
+            dst.copy_(src, non_blocking=True)
+            event.record(stream)
+        dst.record_stream(stream)
+        return CudaFence(event)
+
     def synchronize(self) -> None:
         with self._lock:
             stream = self._stream

@@ -212,6 +212,10 @@ class CpuDevice:
         dst.copy_(src)
         return DONE
 
+    def receive(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
+        dst.copy_(src)
+        return DONE
+
     def synchronize(self) -> None:
         return None
 

@@ -71,6 +71,11 @@ class Device(Protocol):
         that device is done too. ``dst`` may be used once the fence is done or waited.
         """
 
+    def receive(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
+        """Start copying ``src`` (a tensor on another device, complete) into ``dst`` (a tensor
+        of the same shape and dtype from this device's ``empty``); ``dst`` may be used once
+        the fence is done or waited. Used to move placed layers when a device spills."""
+
     def synchronize(self) -> None:
         """Wait for every copy this device started."""
 

@@ -60,6 +60,14 @@ class Budget:
         self.fallbacks: list[PagedAttentionDisabled] = []
 
     @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    @property
+    def params(self) -> LoadParams:
+        return self._params
+
+    @property
     def current(self) -> Plan:
         assert self.plan is not None, "planned first"
         return self.plan
@@ -88,6 +96,9 @@ class Budget:
             with STATE.ledger:
                 self.reserve(0, self._spec.non_mapped_bytes)
         return seconds
+
+    def device(self, name: str) -> Device:
+        return self._devices[name]
 
     def device_for(self, unit: Unit) -> Device:
         plan = self.current
@@ -166,7 +177,7 @@ class Budget:
         """Drop every reservation of this load."""
         STATE.reservations.release_all(self)
 
-    def _live_capacities(self) -> list[DeviceCapacity]:
+    def live_capacities(self) -> list[DeviceCapacity]:
         rows = []
         for row in self.current.devices:
             device = self._devices[row.device]
@@ -194,22 +205,38 @@ class Budget:
         that device, after a failed allocation); returns ``Replanned`` and, if the new plan
         gave up paged attention, ``PagedAttentionDisabled``. ``ReplanLimitError`` past
         ``LoadParams.max_replans``."""
+        self.check_limit(reason, unit.layer, device)
+        old = self.current
+        caps = capped(await anyio.to_thread.run_sync(self.live_capacities), cap)
+        new = await anyio.to_thread.run_sync(self._solve, unit, caps, parts_left)
+        self.plan = new
+        events = self.replanned(
+            old, new, device=device, reason=reason, expected=expected, live=live, at=unit.layer
+        )
+        self.reserve(unit.layer or 0, parts_left)
+        return events
+
+    def check_limit(self, reason: str, layer: int | None, device: str) -> None:
         if len(self.replans) >= self._params.max_replans:
             raise ReplanLimitError(
                 f"still under-delivering after {len(self.replans)} re-plans ({reason})",
-                layer=unit.layer,
+                layer=layer,
                 device=device,
             )
-        old = self.current
-        caps = await anyio.to_thread.run_sync(self._live_capacities)
-        if cap is not None:
-            name, most = cap
-            caps = [
-                c if c.name != name else dataclasses.replace(c, free_bytes=min(c.free_bytes, most))
-                for c in caps
-            ]
-        new = await anyio.to_thread.run_sync(self._solve, unit, caps, parts_left)
-        self.plan = new
+
+    def replanned(
+        self,
+        old: Plan,
+        new: Plan,
+        *,
+        device: str,
+        reason: str,
+        expected: int,
+        live: int,
+        at: int | None,
+    ) -> list[Event]:
+        """The events of a re-plan from ``old`` to ``new``, recorded for the report:
+        ``Replanned`` and, if the new plan gave up paged attention, the fallback."""
         event = Replanned(
             device=device,
             reason=reason,
@@ -217,13 +244,12 @@ class Budget:
             live_free=live,
             old_layer_devices=old.layer_devices,
             new_layer_devices=new.layer_devices,
-            at_layer=unit.layer,
+            at_layer=at,
         )
         self.replans.append(event)
         events: list[Event] = [event]
         if old.paged_attention and not new.paged_attention:
             events.append(self._fallback(new.paged_attention_reason or "the re-plan needs the CPU"))
-        self.reserve(unit.layer or 0, parts_left)
         return events
 
     def _solve(self, unit: Unit, caps: list[DeviceCapacity], parts_left: int) -> Plan:
@@ -245,3 +271,15 @@ class Budget:
         event = PagedAttentionDisabled(reason)
         self.fallbacks.append(event)
         return event
+
+
+def capped(caps: list[DeviceCapacity], cap: tuple[str, int] | None) -> list[DeviceCapacity]:
+    """``caps`` with one device's free bytes held to at most ``cap[1]`` (after an allocation
+    there failed: it has less than its reading said)."""
+    if cap is None:
+        return caps
+    name, most = cap
+    return [
+        c if c.name != name else dataclasses.replace(c, free_bytes=max(min(c.free_bytes, most), 0))
+        for c in caps
+    ]

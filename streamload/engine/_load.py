@@ -28,6 +28,7 @@ from streamload.engine._budget import Budget
 from streamload.engine._destinations import Destinations, Layout, layout
 from streamload.engine._flight import InFlight
 from streamload.engine._loaded import LoadedModel
+from streamload.engine._moves import Spills
 from streamload.engine._reader import PageCache, Reader, start_workers
 from streamload.engine._units import Unit, units
 from streamload.events import (
@@ -89,8 +90,14 @@ class _Load:
         self.progress = anyio.Event()  # replaced each time a unit is read or placed
         self.device_stats: dict[str, _DeviceStats] = {}
         self.huge_bytes = 0
+        self.spills: Spills | None = None
         self.emit_lock = anyio.Lock()
         self.parts: _Parts | None = None
+
+    @property
+    def _spills(self) -> Spills:
+        assert self.spills is not None, "set up first"
+        return self.spills
 
     @property
     def p(self) -> _Parts:
@@ -151,12 +158,16 @@ class _Load:
         await start_workers(self.params.reader_threads + 2)
         self.parts = await self._setup()
         p = self.p
+        self.spills = Spills(p.budget, p.units, self.tensors, self._stats, self._emit, self._drain)
         plan_seconds, fallbacks = await p.budget.first_plan()
         await self._emit(PlanComputed(p.budget.current, str(self.path), plan_seconds), *fallbacks)
         async with anyio.create_task_group() as group:
             await self._stream(group)
         # A cancellation requested by the last event callback still cancels the load.
         await anyio.lowlevel.checkpoint_if_cancelled()
+        # A tenant may have taken what placed layers need after the last recheck: spill then.
+        while await self._spills.spilled(len(p.spec.layers), 0):
+            pass
 
         for alias, source in p.spec.tied.items():
             self.tensors[alias] = self.tensors[source]
@@ -204,6 +215,14 @@ class _Load:
         held = sum(flight.raw_bytes for flight in self.inflight)
         return reading < 2 and held + unit.raw_bytes <= p.scratch
 
+    def _stats(self, device: str) -> _DeviceStats:
+        return self.device_stats.setdefault(device, _DeviceStats())
+
+    async def _drain(self) -> None:
+        """Wait until every unit in flight is placed."""
+        while self.inflight:
+            await self.progress.wait()
+
     def _progress(self) -> None:
         """Wake ``_stream`` to look at its window again (a unit was read or placed)."""
         self.progress.set()
@@ -248,9 +267,10 @@ class _Load:
                 have = budget.have(device, live)
                 if have < need:
                     reason = "under-delivered: live free memory is below what its plan still needs"
-                    events = await budget.replan(unit, device.name, reason, need, have, parts_left)
-                    await self._emit(*events)
+                    await self._spills.replan(unit, device.name, reason, need, have, parts_left)
                     continue
+            if unit.layer is not None and await self._spills.spilled(next_layer, parts_left):
+                continue
             try:
                 return await anyio.to_thread.run_sync(
                     self._allocate_sync, unit, device, live, parts_left
@@ -262,10 +282,10 @@ class _Load:
                     live = await anyio.to_thread.run_sync(budget.live_free, device)
                 # The device has less than its reading said: re-plan as if it could not hold
                 # all it was given (at least one layer moves on; repeated failures move more).
-                events = await budget.replan(
-                    unit, device.name, reason, need, live, parts_left, cap=(device.name, need - 1)
+                cap = (device.name, need - 1)
+                await self._spills.replan(
+                    unit, device.name, reason, need, live, parts_left, cap=cap
                 )
-                await self._emit(*events)
 
     def _allocate_sync(
         self, unit: Unit, device: Device, live: int | None, parts_left: int
@@ -341,6 +361,7 @@ class _Load:
             plan_seconds=plan_seconds,
             devices=devices,
             replans=tuple(p.budget.replans),
+            moves=tuple(self.spills.moves if self.spills is not None else ()),
             fallbacks=tuple(p.budget.fallbacks),
             staging_bytes=p.reader.staging_bytes,
             huge_page_bytes=self.huge_bytes,

@@ -212,6 +212,11 @@ class SimulatedGPU:
             self._last_copy = future
         return _FutureFence(future)
 
+    def receive(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
+        """``dst.copy_(src)`` now (another device's tensors are host memory or complete)."""
+        dst.copy_(src)
+        return DONE
+
     def synchronize(self) -> None:
         with self._lock:
             last = self._last_copy
