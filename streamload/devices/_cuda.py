@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from streamload.devices._nvml import Nvml, default_nvml, nvml_uuid_from_torch, resolve_nvml_handle
-from streamload.devices._protocol import Fence
+from streamload.devices._protocol import DONE, Fence
+from streamload.devices._runtime import CudaEvent, CudaRuntime, CudaStream, TorchCuda
 from streamload.errors import DeviceError
 
 
@@ -28,10 +30,10 @@ class CudaFence:
     the consumer's.
     """
 
-    event: torch.cuda.Event
+    event: CudaEvent
 
     def done(self) -> bool:
-        return bool(self.event.query())  # type: ignore[no-untyped-call]
+        return bool(self.event.query())
 
     def wait(self) -> None:
         self.event.synchronize()
@@ -54,20 +56,25 @@ class CudaDevice:
     (``record_stream``) so freeing it early cannot hand its memory to another tensor while the
     copy runs. The returned ``CudaFence`` says when the copy finished.
 
-    Construction creates no CUDA context: it reads ``get_device_properties``.
+    Construction creates no CUDA context: it reads ``get_device_properties``. ``runtime`` is
+    the CUDA runtime every call goes through (``TorchCuda``, the real one, by default;
+    ``streamload.testing.FakeCuda`` in tests).
     """
 
-    def __init__(self, ordinal: int, *, nvml: Nvml | None = None) -> None:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    def __init__(
+        self, ordinal: int, *, nvml: Nvml | None = None, runtime: CudaRuntime | None = None
+    ) -> None:
+        rt: CudaRuntime = TorchCuda() if runtime is None else runtime
+        count = rt.device_count() if rt.is_available() else 0
         if not 0 <= ordinal < count:
             raise DeviceError(f"cuda:{ordinal}", f"not visible ({count} CUDA devices)")
+        self._rt = rt
         self._ordinal = ordinal
-        self._device = torch.device("cuda", ordinal)
-        self._props = torch.cuda.get_device_properties(ordinal)
+        self._props = rt.get_device_properties(ordinal)
         self._nvml = default_nvml() if nvml is None else nvml
         self._lock = threading.Lock()
         self._handle: Any = _UNRESOLVED
-        self._stream: torch.cuda.Stream | None = None
+        self._stream: CudaStream | None = None
 
     @property
     def name(self) -> str:
@@ -94,13 +101,12 @@ class CudaDevice:
 
     def live_free_bytes(self) -> int:
         """NVML free (else ``mem_get_info`` free) + torch-reserved-but-unallocated bytes."""
-        cached = torch.cuda.memory_reserved(self._ordinal) - torch.cuda.memory_allocated(
-            self._ordinal
-        )
+        rt = self._rt
+        cached = rt.memory_reserved(self._ordinal) - rt.memory_allocated(self._ordinal)
         handle = self._nvml_handle()
         if handle is None:
             try:
-                driver_free, _ = torch.cuda.mem_get_info(self._ordinal)
+                driver_free, _ = rt.mem_get_info(self._ordinal)
             except RuntimeError as exc:
                 raise DeviceError(self.name, f"cudaMemGetInfo failed: {exc}") from exc
         else:
@@ -111,20 +117,26 @@ class CudaDevice:
         self, shape: tuple[int, ...], dtype: torch.dtype, *, huge_pages: bool = False
     ) -> torch.Tensor:
         """``torch.empty`` on the GPU (``huge_pages`` concerns host pages: not asked here)."""
-        return torch.empty(shape, dtype=dtype, device=self._device)
+        return self._rt.empty(shape, dtype, self._ordinal)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return self._rt.pinned_empty(nbytes)
 
     def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
+        rt = self._rt
         stream = self._copy_stream()
-        stream.wait_stream(torch.cuda.current_stream(self._device))
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
+        stream.wait_stream(rt.current_stream(self._ordinal))
+        event = rt.new_event(blocking=False)
+        with rt.stream(stream):
+            rt.copy(dst, src, non_blocking=True)
             event.record(stream)
-        dst.record_stream(stream)
+        rt.record_stream(dst, stream)
         return CudaFence(event)
+
+    def convert(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Fence:
+        for dst, src in pairs:
+            self._rt.copy(dst, src, non_blocking=False)
+        return DONE
 
     def synchronize(self) -> None:
         with self._lock:
@@ -132,10 +144,10 @@ class CudaDevice:
         if stream is not None:
             stream.synchronize()
 
-    def _copy_stream(self) -> torch.cuda.Stream:
+    def _copy_stream(self) -> CudaStream:
         with self._lock:
             if self._stream is None:
-                self._stream = torch.cuda.Stream(device=self._device)  # type: ignore[no-untyped-call]
+                self._stream = self._rt.new_stream(self._ordinal)
             return self._stream
 
     def _nvml_handle(self) -> Any | None:

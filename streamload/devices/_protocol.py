@@ -71,6 +71,10 @@ class Device(Protocol):
         that device is done too. ``dst`` may be used once the fence is done or waited.
         """
 
+    def convert(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Fence:
+        """Convert each ``(dst, src)``: ``src`` (this device's raw buffer in the stored dtype,
+        its copies started) into ``dst`` (on this device, the target dtype)."""
+
     def synchronize(self) -> None:
         """Wait for every copy this device started."""
 

@@ -137,8 +137,11 @@ class Destinations:
         """Wait for the unit's copies, then convert raw buffers into the final tensors."""
         for fence in flight.fences:
             fence.wait()
-        for name in list(flight.raw):
-            flight.final[name].copy_(flight.raw.pop(name))
+        pairs = [(flight.final[name], raw) for name, raw in flight.raw.items()]
+        flight.raw.clear()
+        if pairs:
+            flight.device.convert(pairs)
+        pairs.clear()
         self.transient.add(flight.device.name, -flight.raw_bytes)
 
     def _converts(self, entry: TensorEntry) -> bool:

@@ -8,7 +8,7 @@ import mmap
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -211,6 +211,12 @@ class SimulatedGPU:
             future = self._copier.submit(self._delayed_copy, dst, src, self.copy_delay)
             self._last_copy = future
         return _FutureFence(future)
+
+    def convert(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Fence:
+        """Each ``dst.copy_(src)``, now."""
+        for dst, src in pairs:
+            dst.copy_(src)
+        return DONE
 
     def synchronize(self) -> None:
         with self._lock:
