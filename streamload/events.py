@@ -28,6 +28,7 @@ __all__ = [
     "LoadFailed",
     "LoadFinished",
     "LoadReport",
+    "MemoryReadingFallback",
     "PagedAttentionDisabled",
     "PlanComputed",
     "Replanned",
@@ -93,6 +94,15 @@ class PagedAttentionDisabled:
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryReadingFallback:
+    """A device's live free memory is read another way from now on (a CUDA GPU whose NVML
+    reading failed: ``cudaMemGetInfo`` instead); ``reason`` says what failed."""
+
+    device: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceReport:
     """Bytes placed on one device and the time spent placing them."""
 
@@ -151,7 +161,13 @@ class LoadFailed:
 
 
 Event: TypeAlias = (
-    PlanComputed | LayerPlaced | Replanned | PagedAttentionDisabled | LoadFinished | LoadFailed
+    PlanComputed
+    | LayerPlaced
+    | Replanned
+    | PagedAttentionDisabled
+    | MemoryReadingFallback
+    | LoadFinished
+    | LoadFailed
 )
 EventCallback: TypeAlias = Callable[[Event], "Awaitable[None] | None"]
 
@@ -160,6 +176,7 @@ _EVENT_NAMES: Mapping[type[Any], str] = {
     LayerPlaced: "layer_placed",
     Replanned: "replanned",
     PagedAttentionDisabled: "paged_attention_disabled",
+    MemoryReadingFallback: "memory_reading_fallback",
     LoadFinished: "load_finished",
     LoadFailed: "load_failed",
 }
@@ -236,7 +253,8 @@ def event_name(event: Event) -> str:
 def log_event(event: Event, log: Any = None) -> None:
     """Log one event as a structlog key-value line (the library's only logging)."""
     target = logger if log is None else log
-    method = target.warning if isinstance(event, (LoadFailed, Replanned)) else target.info
+    warn = (LoadFailed, Replanned, MemoryReadingFallback)
+    method = target.warning if isinstance(event, warn) else target.info
     method(event_name(event), **event_fields(event))
 
 

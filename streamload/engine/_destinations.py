@@ -33,7 +33,7 @@ from streamload import _hostmem
 from streamload.checkpoint import TensorEntry
 from streamload.devices import Device
 from streamload.engine._flight import InFlight
-from streamload.engine._reader import Files
+from streamload.engine._reader import Files, await_fence
 from streamload.engine._units import (
     Destination,
     Unit,
@@ -116,7 +116,11 @@ class Destinations:
         is the device's live free memory read just before. ``torch.OutOfMemoryError`` when
         the device refuses (nothing of the unit is kept)."""
         started = time.perf_counter()
-        got = self._block(unit, how) if how.block else self._per_tensor(unit, device, how)
+        if how.block:
+            got = self._block(unit, how)
+        else:
+            got = self._per_tensor(unit, device, how)
+            device.mark_allocated()
         raw_bytes = sum(t.nbytes for t in got.raw.values())
         self.transient.add(device.name, raw_bytes)
         chunks = cut_chunks(got.items, read_chunk_bytes(self._params.chunk_bytes, device.staged))
@@ -134,14 +138,17 @@ class Destinations:
         )
 
     def complete(self, flight: InFlight) -> None:
-        """Wait for the unit's copies, then convert raw buffers into the final tensors."""
+        """Wait for the unit's copies, convert raw buffers into the final tensors on the
+        device, and wait for the conversions: a tensor is handed out only once it holds its
+        bytes for work on any stream. Waits poll (``await_fence``): an anyio worker thread."""
         for fence in flight.fences:
-            fence.wait()
+            await_fence(fence)
         pairs = [(flight.final[name], raw) for name, raw in flight.raw.items()]
         flight.raw.clear()
         if pairs:
-            flight.device.convert(pairs)
-        pairs.clear()
+            fence = flight.device.convert(pairs)
+            pairs.clear()  # safe: a device keeps what its queued work reads (CUDA: record_stream)
+            await_fence(fence)
         self.transient.add(flight.device.name, -flight.raw_bytes)
 
     def _converts(self, entry: TensorEntry) -> bool:

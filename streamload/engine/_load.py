@@ -38,6 +38,7 @@ from streamload.events import (
     LoadFailed,
     LoadFinished,
     LoadReport,
+    MemoryReadingFallback,
     PlanComputed,
     emit,
 )
@@ -63,6 +64,7 @@ class _Parts:
     """The stages of one load, made once the spec and the devices are known."""
 
     spec: ModelSpec
+    devices: list[Device]
     units: list[Unit]
     budget: Budget
     reader: Reader
@@ -106,9 +108,11 @@ class _Load:
 
     async def run(self) -> LoadedModel:
         started = time.perf_counter()
+        failed = False
         try:
             return await self._run(started)
         except BaseException as exc:
+            failed = True
             self._release()
             _boundary.scrub(exc)
             error = _boundary.single(exc)
@@ -125,6 +129,8 @@ class _Load:
                 self.parts.budget.release()
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self.parts.reader.close)
+                    if failed and self.params.empty_cache_on_failure:
+                        await anyio.to_thread.run_sync(_release_caches, self.parts.devices)
 
     async def _setup(self) -> _Parts:
         params = self.params
@@ -135,13 +141,15 @@ class _Load:
                 lambda: inspect(self.path, target_dtype=params.target_code)
             )
         devices = await anyio.to_thread.run_sync(resolve_devices, params.devices)
+        # Before any capacity is read: a GPU's context takes memory when it is created.
+        await anyio.to_thread.run_sync(_prepare, devices)
         unit_list = units(spec)
         scratch = conversion_scratch(spec)
         reader = Reader(spec, params, self._filled)
         destinations = Destinations(spec, params, reader.files)
         budget = Budget(spec, devices, params, scratch=scratch, transient=destinations.transient)
         return _Parts(
-            spec, unit_list, budget, reader, destinations, PageCache(reader.files), scratch
+            spec, devices, unit_list, budget, reader, destinations, PageCache(reader.files), scratch
         )
 
     async def _run(self, started: float) -> LoadedModel:
@@ -149,7 +157,11 @@ class _Load:
         self.parts = await self._setup()
         p = self.p
         plan_seconds, fallbacks = await p.budget.first_plan()
-        await self._emit(PlanComputed(p.budget.current, str(self.path), plan_seconds), *fallbacks)
+        await self._emit(
+            PlanComputed(p.budget.current, str(self.path), plan_seconds),
+            *fallbacks,
+            *self._notices(),
+        )
         async with anyio.create_task_group() as group:
             await self._stream(group)
         # A cancellation requested by the last event callback still cancels the load.
@@ -159,7 +171,7 @@ class _Load:
             self.tensors[alias] = self.tensors[source]
         report = self._report(time.perf_counter() - started, plan_seconds)
         await self._emit(LoadFinished(report))
-        model = LoadedModel(self.tensors, p.budget.current, report, p.spec)
+        model = LoadedModel(self.tensors, p.budget.current, report, p.spec, p.devices)
         self.tensors = {}
         return model
 
@@ -243,6 +255,7 @@ class _Load:
             live: int | None = None  # host memory: read in the allocating call (one hop less)
             if device.is_gpu:
                 live = await anyio.to_thread.run_sync(budget.live_free, device)
+                await self._emit(*self._notices())
                 have = live + budget.slack(device)
                 if have < need:
                     reason = "under-delivered: live free memory is below what its plan still needs"
@@ -312,6 +325,14 @@ class _Load:
         self.p.destinations.complete(flight)
         return time.perf_counter(), self.p.budget.live_free(flight.device)
 
+    def _notices(self) -> list[Event]:
+        """What the devices had to fall back on since last asked, as events."""
+        return [
+            MemoryReadingFallback(device.name, notice)
+            for device in self.p.devices
+            for notice in device.take_notices()
+        ]
+
     def _report(self, seconds: float, plan_seconds: float) -> LoadReport:
         p = self.p
         devices = tuple(
@@ -339,6 +360,16 @@ class _Load:
             self.inflight.popleft().drop()
 
 
+def _prepare(devices: list[Device]) -> None:
+    for device in devices:
+        device.prepare()
+
+
+def _release_caches(devices: list[Device]) -> None:
+    for device in devices:
+        device.release_cache()
+
+
 async def load(
     path: str | Path,
     params: LoadParams | None = None,
@@ -352,8 +383,10 @@ async def load(
     function, called in order on the event loop) and to the ``streamload`` structlog logger.
 
     Cancellation (a cancel scope, a cancelled task, a server shutting down): every tensor the
-    load placed is released, reader threads finish, every file descriptor is closed, a
-    ``LoadFailed`` event is emitted, and the cancellation propagates. Any other failure does the
+    load placed is released (and, with ``LoadParams.empty_cache_on_failure``, returned from
+    torch's caches to the driver), reader threads finish, every file descriptor is closed, a
+    ``LoadFailed`` event is emitted, and the cancellation propagates; waits for a GPU poll, so
+    a GPU that stopped answering does not hold the cancellation up. Any other failure does the
     same and raises a ``StreamloadError`` naming the file, tensor, layer or device involved.
 
     ``spec``: stream exactly this model spec (a subset of the checkpoint's layers and parts,

@@ -29,6 +29,7 @@ memory ledger, so ``CudaDevice`` reads live free memory as it would from NVML.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import mmap
 import threading
@@ -70,6 +71,10 @@ class _Gpu:
     cached: int = 0  # freed by tensors, still reserved by the caching allocator
 
 
+def _nothing() -> None:
+    return None
+
+
 @dataclass(slots=True)
 class _Op:
     run: Callable[[], None]
@@ -102,6 +107,7 @@ class FakeStream:
                 if op is None:
                     return True
                 op.run()
+                op.run = _nothing  # drop the tensors the op held, as a finished copy does
                 op.done = True
 
     def wait_event(self, event: Any) -> None:
@@ -186,7 +192,10 @@ class FakeCuda:
         )
         self._local = threading.local()
         self._defaults = [FakeStream(self, i, default=True) for i in range(len(totals))]
-        self._owners: dict[int, int] = {}  # storage address -> GPU (-1: pinned host)
+        self._streams = list(self._defaults)
+        # storage address -> (block id, GPU or -1 for pinned host)
+        self._owners: dict[int, tuple[int, int]] = {}
+        self._tokens = itertools.count(1)
         self._pinned_live = 0
         self._pinned_cached = 0
         self._hung = False
@@ -260,13 +269,17 @@ class FakeCuda:
             return self._gpus[ordinal].allocated
 
     def empty_cache(self) -> None:
+        # The caching allocator synchronises the events of blocks still in use by streams
+        # before it frees them: the queued work runs first.
         self._record("empty_cache", None)
+        self._drain()
         with self._lock:
             for gpu in self._gpus:
                 gpu.cached = 0
 
     def host_empty_cache(self) -> None:
         self._record("host_empty_cache", None)
+        self._drain()
         with self._lock:
             self._pinned_cached = 0
 
@@ -302,7 +315,10 @@ class FakeCuda:
     def new_stream(self, ordinal: int) -> FakeStream:
         self._record("new_stream", ordinal)
         with self.device(ordinal):
-            return FakeStream(self, ordinal, default=False)
+            stream = FakeStream(self, ordinal, default=False)
+        with self._lock:
+            self._streams.append(stream)
+        return stream
 
     def new_event(self, *, blocking: bool) -> FakeEvent:
         self._record("new_event", None, blocking)
@@ -377,6 +393,13 @@ class FakeCuda:
             local.streams = {}
         return local
 
+    def _drain(self) -> None:
+        """Run everything queued on every stream (not on a hung GPU)."""
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream._run_to(len(stream.ops))
+
     def _exchange_device(self, ordinal: int) -> int:
         previous = self.current_device()
         if ordinal != previous:
@@ -427,15 +450,18 @@ class FakeCuda:
         flat = torch.frombuffer(block, dtype=torch.uint8, count=nbytes)
         address = flat.untyped_storage().data_ptr()
         with self._lock:
-            self._owners[address] = owner
-        weakref.finalize(block, self._freed, address, owner, nbytes).atexit = False
+            token = next(self._tokens)
+            self._owners[address] = (token, owner)
+        weakref.finalize(block, self._freed, address, token, owner, nbytes).atexit = False
         return flat.view(dtype).view(shape)
 
-    def _freed(self, address: int, owner: int, nbytes: int) -> None:
-        # Finalisers run on whatever thread dropped the last reference: the RLock allows one
-        # inside the fake's own critical section.
+    def _freed(self, address: int, block: int, owner: int, nbytes: int) -> None:
+        # Finalisers run on whatever thread dropped the last reference (the RLock allows one
+        # inside the fake's own critical section), after the mapping is gone: another block
+        # may already have its address.
         with self._lock:
-            self._owners.pop(address, None)
+            if self._owners.get(address, (None, None))[0] == block:
+                del self._owners[address]
             if owner < 0:
                 self._pinned_live -= nbytes
                 self._pinned_cached += nbytes
@@ -446,7 +472,7 @@ class FakeCuda:
     def _owner(self, tensor: torch.Tensor) -> int:
         """The GPU a tensor's memory is on (-1: pinned host; -2: ordinary host memory)."""
         with self._lock:
-            return self._owners.get(tensor.untyped_storage().data_ptr(), -2)
+            return self._owners.get(tensor.untyped_storage().data_ptr(), (0, -2))[1]
 
     def _record(self, name: str, device: int | None, *detail: Any) -> None:
         call = FakeCall(name, self.current_device(), threading.get_ident(), (device, *detail))
