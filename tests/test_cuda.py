@@ -20,8 +20,14 @@ import streamload
 from streamload.devices import CudaDevice, Nvml
 from streamload.events import Event, LayerPlaced, Replanned
 from streamload.testing import FakeCuda, SimulatedGPU
-from tests.engine_support import llama_config, llama_tensors, params, reference, write_checkpoint
-from tests.test_engine import assert_identical
+from tests.engine_support import (
+    assert_identical,
+    llama_config,
+    llama_tensors,
+    params,
+    reference,
+    write_checkpoint,
+)
 
 pytestmark = pytest.mark.anyio
 

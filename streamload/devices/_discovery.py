@@ -77,22 +77,17 @@ def resolve_devices(spec: DeviceSpec, *, nvml: Nvml | None = None) -> list[Devic
     return _validate(devices)
 
 
-def capacities(
-    devices: Sequence[Device], *, owner: object = None, scratch: int = 0
-) -> list[DeviceCapacity]:
+def capacities(devices: Sequence[Device], *, owner: object = None) -> list[DeviceCapacity]:
     """Live capacities of ``devices`` as the planner takes them (blocking: probes devices).
 
     Bytes other loads in this process hold on a device (every owner's but ``owner``'s, in
-    ``STATE.reservations``) are subtracted from its free bytes, and so is ``scratch`` on GPUs
-    (a load's dtype-conversion buffers).
+    ``STATE.reservations``) are subtracted from its free bytes.
     """
     rows = []
     for device in devices:
         free = device.live_free_bytes() - STATE.reservations.held_by_others(
             owner, device.ledger_key
         )
-        if device.is_gpu:
-            free -= scratch
         rows.append(
             DeviceCapacity(
                 name=device.name,

@@ -11,6 +11,7 @@ the unit two before it has been read (``_room_for``).
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -128,8 +129,13 @@ class _Load:
             if self.parts is not None:
                 self.parts.budget.release()
                 with anyio.CancelScope(shield=True):
+                    # Copies still in flight may write into the conversion scratch; dropping it
+                    # is safe all the same: a device keeps what its queued work touches (CUDA:
+                    # record_stream on the copy stream), and a wait could hang on a hung GPU.
                     await anyio.to_thread.run_sync(self.parts.reader.close)
-                    if failed and self.params.empty_cache_on_failure:
+                self.parts.destinations.release()
+                if failed and self.params.empty_cache_on_failure:
+                    with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(_release_caches, self.parts.devices)
 
     async def _setup(self) -> _Parts:
@@ -146,8 +152,8 @@ class _Load:
         unit_list = units(spec)
         scratch = conversion_scratch(spec)
         reader = Reader(spec, params, self._filled)
-        destinations = Destinations(spec, params, reader.files)
-        budget = Budget(spec, devices, params, scratch=scratch, transient=destinations.transient)
+        destinations = Destinations(spec, params, reader.files, scratch)
+        budget = Budget(spec, devices, params, transient=destinations.transient)
         return _Parts(
             spec, devices, unit_list, budget, reader, destinations, PageCache(reader.files), scratch
         )
@@ -188,7 +194,6 @@ class _Load:
             flight = await self._allocate(unit, parts_left)
             if unit.layer is None:
                 parts_left -= unit.nbytes
-            p.budget.reserve(unit.layer + 1 if unit.layer is not None else 0, parts_left)
             self.inflight.append(flight)
             p.reader.start(flight, group)
 
@@ -263,7 +268,9 @@ class _Load:
                     await self._emit(*events)
                     continue
             try:
-                return await anyio.to_thread.run_sync(self._allocate_sync, unit, device, live)
+                return await anyio.to_thread.run_sync(
+                    self._allocate_sync, unit, device, live, parts_left
+                )
             except torch.OutOfMemoryError as exc:
                 reason = f"allocation failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
                 del exc
@@ -276,12 +283,21 @@ class _Load:
                 )
                 await self._emit(*events)
 
-    def _allocate_sync(self, unit: Unit, device: Device, live: int | None) -> InFlight:
-        """Allocate ``unit`` on ``device`` (blocking); ``live``: the free memory read before,
-        or ``None`` to read it here first."""
+    def _allocate_sync(
+        self, unit: Unit, device: Device, live: int | None, parts_left: int
+    ) -> InFlight:
+        """Allocate ``unit`` on ``device`` (blocking) and shrink the load's reservation by what
+        it took, in one step for other loads' readings (``Budget.allocating``); ``live``: the
+        free memory read before, or ``None`` to read it here first."""
+        budget = self.p.budget
         if live is None:
-            live = self.p.budget.live_free(device)
-        return self.p.destinations.allocate(unit, device, self._layout(unit, device), live)
+            live = budget.live_free(device)
+        how = self._layout(unit, device)
+        with budget.allocating(device):
+            flight = self.p.destinations.allocate(unit, device, how, live)
+            after = parts_left - unit.nbytes if unit.layer is None else parts_left
+            budget.reserve(unit.layer + 1 if unit.layer is not None else 0, after)
+        return flight
 
     async def _finish(self, flight: InFlight) -> None:
         await flight.done.wait()
@@ -366,6 +382,9 @@ def _prepare(devices: list[Device]) -> None:
 
 
 def _release_caches(devices: list[Device]) -> None:
+    # Cycles first: a cancelled worker's exception keeps its frame, and the frame its staging
+    # slot or destination, until the cycle collector runs; a cache cannot return what they hold.
+    gc.collect()
     for device in devices:
         device.release_cache()
 

@@ -170,7 +170,71 @@ class FakeEvent:
             self._cuda._blocked("event.synchronize")
 
 
-class FakeCuda:
+class _Ledger:
+    """The fake's memory: per-GPU contexts, allocations and the caching allocator's reserve,
+    pinned host buffers and their cache; tensors are host memory whose release is credited
+    when their storage dies (on whatever thread)."""
+
+    def __init__(self, totals: Sequence[int], context_bytes: int) -> None:
+        self._lock = threading.RLock()
+        self._gpus = [_Gpu(total) for total in totals]
+        self.context_bytes = context_bytes
+        # storage address -> (block token, GPU or -1 for pinned host)
+        self._owners: dict[int, tuple[int, int]] = {}
+        self._tokens = itertools.count(1)
+        self._pinned_live = 0
+        self._pinned_cached = 0
+        self.contexts: list[tuple[int, str]] = []  # (GPU, the call that created it)
+
+    def _create_context(self, ordinal: int, call: str) -> None:
+        with self._lock:
+            gpu = self._gpus[ordinal]
+            if gpu.context:
+                return
+            gpu.context = True
+            self.contexts.append((ordinal, call))
+
+    def _driver_free(self, ordinal: int) -> int:
+        with self._lock:
+            gpu = self._gpus[ordinal]
+            context = self.context_bytes if gpu.context else 0
+            return max(gpu.total - gpu.others - context - gpu.allocated - gpu.cached, 0)
+
+    def _host_tensor(
+        self, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int, owner: int
+    ) -> torch.Tensor:
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        block = mmap.mmap(-1, nbytes)
+        flat = torch.frombuffer(block, dtype=torch.uint8, count=nbytes)
+        address = flat.untyped_storage().data_ptr()
+        with self._lock:
+            token = next(self._tokens)
+            self._owners[address] = (token, owner)
+        weakref.finalize(block, self._freed, address, token, owner, nbytes).atexit = False
+        return flat.view(dtype).view(shape)
+
+    def _freed(self, address: int, block: int, owner: int, nbytes: int) -> None:
+        # Finalisers run on whatever thread dropped the last reference (the RLock allows one
+        # inside the fake's own critical section), after the mapping is gone: another block
+        # may already have its address.
+        with self._lock:
+            if self._owners.get(address, (None, None))[0] == block:
+                del self._owners[address]
+            if owner < 0:
+                self._pinned_live -= nbytes
+                self._pinned_cached += nbytes
+            else:
+                self._gpus[owner].allocated -= nbytes
+                self._gpus[owner].cached += nbytes
+
+    def _owner(self, tensor: torch.Tensor) -> int:
+        """The GPU a tensor's memory is on (-1: pinned host; -2: ordinary host memory)."""
+        with self._lock:
+            return self._owners.get(tensor.untyped_storage().data_ptr(), (0, -2))[1]
+
+
+class FakeCuda(_Ledger):
     """A fake CUDA runtime with GPUs of ``totals`` bytes (see the module docstring).
 
     ``context_bytes``: what each GPU's primary context costs. ``uuids``: the GPUs' UUIDs
@@ -184,23 +248,15 @@ class FakeCuda:
         context_bytes: int = 0,
         uuids: Sequence[str] | None = None,
     ) -> None:
-        self._lock = threading.RLock()
-        self._gpus = [_Gpu(total) for total in totals]
-        self.context_bytes = context_bytes
+        super().__init__(totals, context_bytes)
         self._uuids = (
             list(uuids) if uuids is not None else [str(uuid_module.uuid4()) for _ in totals]
         )
         self._local = threading.local()
         self._defaults = [FakeStream(self, i, default=True) for i in range(len(totals))]
         self._streams = list(self._defaults)
-        # storage address -> (block id, GPU or -1 for pinned host)
-        self._owners: dict[int, tuple[int, int]] = {}
-        self._tokens = itertools.count(1)
-        self._pinned_live = 0
-        self._pinned_cached = 0
         self._hung = False
         self.calls: list[FakeCall] = []
-        self.contexts: list[tuple[int, str]] = []  # (GPU, the call that created it)
         self.events: list[FakeEvent] = []
         self.spin_waits = 0  # synchronize() on non-blocking events
         self.blocked_waits: list[str] = []  # blocking waits made while the GPU hung
@@ -426,53 +482,6 @@ class FakeCuda:
         device is restored without creating a context."""
         self._create_context(ordinal, call)
         yield
-
-    def _create_context(self, ordinal: int, call: str) -> None:
-        with self._lock:
-            gpu = self._gpus[ordinal]
-            if gpu.context:
-                return
-            gpu.context = True
-            self.contexts.append((ordinal, call))
-
-    def _driver_free(self, ordinal: int) -> int:
-        with self._lock:
-            gpu = self._gpus[ordinal]
-            context = self.context_bytes if gpu.context else 0
-            return max(gpu.total - gpu.others - context - gpu.allocated - gpu.cached, 0)
-
-    def _host_tensor(
-        self, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int, owner: int
-    ) -> torch.Tensor:
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        block = mmap.mmap(-1, nbytes)
-        flat = torch.frombuffer(block, dtype=torch.uint8, count=nbytes)
-        address = flat.untyped_storage().data_ptr()
-        with self._lock:
-            token = next(self._tokens)
-            self._owners[address] = (token, owner)
-        weakref.finalize(block, self._freed, address, token, owner, nbytes).atexit = False
-        return flat.view(dtype).view(shape)
-
-    def _freed(self, address: int, block: int, owner: int, nbytes: int) -> None:
-        # Finalisers run on whatever thread dropped the last reference (the RLock allows one
-        # inside the fake's own critical section), after the mapping is gone: another block
-        # may already have its address.
-        with self._lock:
-            if self._owners.get(address, (None, None))[0] == block:
-                del self._owners[address]
-            if owner < 0:
-                self._pinned_live -= nbytes
-                self._pinned_cached += nbytes
-            else:
-                self._gpus[owner].allocated -= nbytes
-                self._gpus[owner].cached += nbytes
-
-    def _owner(self, tensor: torch.Tensor) -> int:
-        """The GPU a tensor's memory is on (-1: pinned host; -2: ordinary host memory)."""
-        with self._lock:
-            return self._owners.get(tensor.untyped_storage().data_ptr(), (0, -2))[1]
 
     def _record(self, name: str, device: int | None, *detail: Any) -> None:
         call = FakeCall(name, self.current_device(), threading.get_ident(), (device, *detail))

@@ -38,6 +38,36 @@ class _FutureFence:
         self.future.result()
 
 
+class _Copier:
+    """Delayed copies, run in order on one background thread (started on first use)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._last: Future[None] | None = None
+
+    def submit(self, work: list[tuple[torch.Tensor, torch.Tensor]], delay: float) -> Fence:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self._name}-copy")
+            future = self._last = self._pool.submit(self._run, work, delay)
+        return _FutureFence(future)
+
+    def synchronize(self) -> None:
+        with self._lock:
+            last = self._last
+        if last is not None:
+            last.result()
+
+    @staticmethod
+    def _run(work: list[tuple[torch.Tensor, torch.Tensor]], delay: float) -> None:
+        time.sleep(delay)
+        for dst, src in work:
+            dst.copy_(src)
+        work.clear()
+
+
 class _Credits:
     """Bytes freed since the ledger last looked.
 
@@ -134,8 +164,7 @@ class SimulatedGPU:
         self._fail_at: set[int] = set()
         self.context_bytes = context_bytes
         self._context = False
-        self._copier: ThreadPoolExecutor | None = None
-        self._last_copy: Future[None] | None = None
+        self._copier = _Copier(name)
 
     # -- Device protocol ---------------------------------------------------------------------
 
@@ -231,15 +260,7 @@ class SimulatedGPU:
 
     def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
         """``dst.copy_(src)``, now, or after ``copy_delay`` seconds on the copy thread."""
-        if self.copy_delay == 0:
-            dst.copy_(src)
-            return DONE
-        with self._lock:
-            if self._copier is None:
-                self._copier = ThreadPoolExecutor(1, thread_name_prefix=f"{self._name}-copy")
-            future = self._copier.submit(self._delayed_copy, dst, src, self.copy_delay)
-            self._last_copy = future
-        return _FutureFence(future)
+        return self.convert([(dst, src)])
 
     def convert(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Fence:
         """Each ``dst.copy_(src)``, now, or after ``copy_delay`` on the copy thread (after the
@@ -248,19 +269,10 @@ class SimulatedGPU:
             for dst, src in pairs:
                 dst.copy_(src)
             return DONE
-        work = list(pairs)
-        with self._lock:
-            if self._copier is None:
-                self._copier = ThreadPoolExecutor(1, thread_name_prefix=f"{self._name}-copy")
-            future = self._copier.submit(self._delayed_convert, work, self.copy_delay)
-            self._last_copy = future
-        return _FutureFence(future)
+        return self._copier.submit(list(pairs), self.copy_delay)
 
     def synchronize(self) -> None:
-        with self._lock:
-            last = self._last_copy
-        if last is not None:
-            last.result()
+        self._copier.synchronize()
 
     # -- simulation --------------------------------------------------------------------------
 
@@ -388,15 +400,3 @@ class SimulatedGPU:
         weakref.finalize(block, self._credits.credit, nbytes).atexit = False
         flat = torch.frombuffer(block, dtype=torch.uint8, count=nbytes, offset=offset)
         return flat.view(dtype).view(shape)
-
-    @staticmethod
-    def _delayed_convert(work: list[tuple[torch.Tensor, torch.Tensor]], delay: float) -> None:
-        time.sleep(delay)
-        for dst, src in work:
-            dst.copy_(src)
-        work.clear()
-
-    @staticmethod
-    def _delayed_copy(dst: torch.Tensor, src: torch.Tensor, delay: float) -> None:
-        time.sleep(delay)
-        dst.copy_(src)
