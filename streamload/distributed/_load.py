@@ -138,7 +138,7 @@ def _survey(path: Path, params: LoadParams, rank: int, host: str) -> _Local:
         devices = resolve_devices(params.devices)
         for device in devices:
             device.prepare()  # a GPU's context takes memory: before its capacity is read
-        caps = tuple(capacities(devices))
+        caps = tuple(capacities(devices, caps=params.memory_caps))
     except Exception as exc:  # every rank must hear of it, whatever it is
         failure = _Failure.of(exc, rank=rank, host=host, phase=phase)
         return _Local(_Survey(rank, host, None, "", settings, failure), None)

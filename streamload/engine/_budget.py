@@ -53,6 +53,8 @@ class Budget:
         self._devices = {device.name: device for device in devices}
         self._params = params
         self._transient = transient
+        self._caps = params.memory_caps
+        self._used: dict[str, int] = {}  # weights this load allocated per device (for caps)
         self.plan: Plan | None = None
         self.replans: list[Replanned] = []
         self.fallbacks: list[PagedAttentionDisabled] = []
@@ -79,7 +81,7 @@ class Budget:
         devices = list(self._devices.values())
         with STATE.planning:
             with STATE.ledger:
-                caps = capacities(devices, owner=self)
+                caps = capacities(devices, owner=self, caps=self._caps)
             started = time.perf_counter()
             self.plan = planner.plan(self._spec, caps, self._params)
             seconds = time.perf_counter() - started
@@ -109,6 +111,18 @@ class Budget:
             return
         with STATE.ledger:
             yield
+
+    def allocated(self, device: Device, nbytes: int) -> None:
+        """This load now holds ``nbytes`` more weights on ``device`` (negative: fewer)."""
+        self._used[device.name] = self._used.get(device.name, 0) + nbytes
+
+    def have(self, device: Device, live: int) -> int:
+        """What ``device`` offers the rest of its plan: the live reading (``live_free``) plus
+        the scratch this load holds there, within its ``max_memory`` cap less what the load's
+        weights already take there."""
+        have = live + self.slack(device)
+        cap = self._caps.get(device.name)
+        return have if cap is None else min(have, cap - self._used.get(device.name, 0))
 
     def need_rest(self, device: str, next_layer: int, parts_left: int) -> int:
         """What ``device``'s plan still needs: unplaced weights + KV + activations + reserve."""
@@ -161,7 +175,7 @@ class Budget:
                     name=device.name,
                     is_gpu=device.is_gpu,
                     total_bytes=device.total_bytes(),
-                    free_bytes=max(self.live_free(device) + self.slack(device), 0),
+                    free_bytes=max(self.have(device, self.live_free(device)), 0),
                 )
             )
         return rows

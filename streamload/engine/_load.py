@@ -261,7 +261,7 @@ class _Load:
             if device.is_gpu:
                 live = await anyio.to_thread.run_sync(budget.live_free, device)
                 await self._emit(*self._notices())
-                have = live + budget.slack(device)
+                have = budget.have(device, live)
                 if have < need:
                     reason = "under-delivered: live free memory is below what its plan still needs"
                     events = await budget.replan(unit, device.name, reason, need, have, parts_left)
@@ -295,6 +295,7 @@ class _Load:
         how = self._layout(unit, device)
         with budget.allocating(device):
             flight = self.p.destinations.allocate(unit, device, how, live)
+            budget.allocated(device, unit.nbytes)
             after = parts_left - unit.nbytes if unit.layer is None else parts_left
             budget.reserve(unit.layer + 1 if unit.layer is not None else 0, after)
         return flight
