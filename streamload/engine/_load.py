@@ -166,7 +166,7 @@ class _Load:
         await self._emit(
             PlanComputed(p.budget.current, str(self.path), plan_seconds),
             *fallbacks,
-            *self._notices(),
+            *_notices(self.p.devices),
         )
         async with anyio.create_task_group() as group:
             await self._stream(group)
@@ -260,7 +260,7 @@ class _Load:
             live: int | None = None  # host memory: read in the allocating call (one hop less)
             if device.is_gpu:
                 live = await anyio.to_thread.run_sync(budget.live_free, device)
-                await self._emit(*self._notices())
+                await self._emit(*_notices(self.p.devices))
                 have = budget.have(device, live)
                 if have < need:
                     reason = "under-delivered: live free memory is below what its plan still needs"
@@ -342,14 +342,6 @@ class _Load:
         self.p.destinations.complete(flight)
         return time.perf_counter(), self.p.budget.live_free(flight.device)
 
-    def _notices(self) -> list[Event]:
-        """What the devices had to fall back on since last asked, as events."""
-        return [
-            MemoryReadingFallback(device.name, notice)
-            for device in self.p.devices
-            for notice in device.take_notices()
-        ]
-
     def _report(self, seconds: float, plan_seconds: float) -> LoadReport:
         p = self.p
         devices = tuple(
@@ -375,6 +367,15 @@ class _Load:
         self.tensors.clear()
         while self.inflight:
             self.inflight.popleft().drop()
+
+
+def _notices(devices: list[Device]) -> list[Event]:
+    """What the devices had to fall back on since last asked, as events."""
+    return [
+        MemoryReadingFallback(device.name, notice)
+        for device in devices
+        for notice in device.take_notices()
+    ]
 
 
 def _prepare(devices: list[Device]) -> None:
