@@ -29,6 +29,7 @@ __all__ = [
     "LoadFailed",
     "LoadFinished",
     "LoadReport",
+    "MemoryReadingFallback",
     "PagedAttentionDisabled",
     "PlanComputed",
     "Replanned",
@@ -111,6 +112,15 @@ class PagedAttentionDisabled:
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryReadingFallback:
+    """A device's live free memory is read another way from now on (a CUDA GPU whose NVML
+    reading failed: ``cudaMemGetInfo`` instead); ``reason`` says what failed."""
+
+    device: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceReport:
     """Bytes placed on one device and the time spent placing them."""
 
@@ -176,6 +186,7 @@ Event: TypeAlias = (
     | Replanned
     | LayersMoved
     | PagedAttentionDisabled
+    | MemoryReadingFallback
     | LoadFinished
     | LoadFailed
 )
@@ -187,6 +198,7 @@ _EVENT_NAMES: Mapping[type[Any], str] = {
     Replanned: "replanned",
     LayersMoved: "layers_moved",
     PagedAttentionDisabled: "paged_attention_disabled",
+    MemoryReadingFallback: "memory_reading_fallback",
     LoadFinished: "load_finished",
     LoadFailed: "load_failed",
 }
@@ -264,8 +276,8 @@ def event_name(event: Event) -> str:
 def log_event(event: Event, log: Any = None) -> None:
     """Log one event as a structlog key-value line (the library's only logging)."""
     target = logger if log is None else log
-    warn = isinstance(event, LoadFailed | Replanned | LayersMoved)
-    method = target.warning if warn else target.info
+    warn = (LoadFailed, Replanned, LayersMoved, MemoryReadingFallback)
+    method = target.warning if isinstance(event, warn) else target.info
     method(event_name(event), **event_fields(event))
 
 

@@ -231,6 +231,11 @@ class LoadParams:
     simulated GPU's tensor gets a mapping of its own (``streamload._hostmem.huge_mapping``). With
     THP ``defrag`` at ``madvise`` the kernel may compact memory to find huge pages; ``False``
     avoids that; THP ``never`` turns it off.
+
+    ``empty_cache_on_failure``: when a load fails or is cancelled, the device memory it freed is
+    returned from torch's caching allocator (and its pinned staging ring from torch's pinned-host
+    cache) to the driver, so other processes on the GPU can use it (``Device.release_cache``);
+    ``False`` keeps it cached for this process's next allocations.
     """
 
     devices: Literal["auto"] | Sequence[str | Device] = field(default_factory=_default_devices)
@@ -250,6 +255,7 @@ class LoadParams:
     reader_threads: int = 8
     max_replans: int = 8
     huge_pages: bool | Literal["auto"] = "auto"
+    empty_cache_on_failure: bool = True
     max_memory: Mapping[str, int | str] | None = None
 
     def __post_init__(self) -> None:

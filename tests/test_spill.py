@@ -171,3 +171,33 @@ async def test_cancelling_during_a_move_releases_everything(ckpt: Path) -> None:
     assert moving
     assert [0, 0] == [gpu0.allocated_bytes, gpu1.allocated_bytes]
     assert [] == open_fds_under(ckpt)
+
+
+async def test_a_spill_between_cuda_gpus_goes_through_the_runtime(ckpt: Path) -> None:
+    """On two (fake) CUDA GPUs, a tenant that takes what GPU 0's placed layers need makes them
+    move to GPU 1 by a copy on GPU 1's copy stream, waited for before the load goes on: the
+    load is bit-identical and GPU 0 ends holding none of the moved layers."""
+    from streamload.devices import CudaDevice, Nvml
+    from streamload.testing import FakeCuda
+
+    spec = streamload.inspect(ckpt)
+    probe = streamload.plan(ckpt, params([SimulatedGPU("probe", total_bytes=2**40)]))
+    row, layer = probe.devices[0], spec.layers[0].nbytes + probe.layer_kv_bytes[0]
+    first = int(row.activation_bytes + spec.non_mapped_bytes + 2.5 * layer)
+    fake = FakeCuda([first, 2**30])
+    nvml = Nvml(fake.nvml_api())
+    gpus = [CudaDevice(i, runtime=fake, nvml=nvml) for i in range(2)]
+    events: list[Event] = []
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if isinstance(event, LayerPlaced) and event.layer == 1:
+            fake.take(0, gpus[0].live_free_bytes() - LEFT)
+
+    model = await streamload.load(ckpt, params([*gpus, "cpu"]), on_event=on_event)
+    moves = [e for e in events if isinstance(e, LayersMoved)]
+    assert ["cuda:0"] == sorted({m.from_device for m in moves})
+    assert {"cuda:1"} == {m.to_device for m in moves}
+    assert_identical(model.tensors, reference(ckpt), None)
+    for move in moves:
+        assert all(model.plan.layer_devices[i] == "cuda:1" for i in move.layers)

@@ -129,3 +129,16 @@ async def test_device_map_is_accepted_by_from_pretrained_and_dispatch_model(
     dispatched = accelerate.dispatch_model(plain, device_map=loaded.device_map)
     with torch.no_grad():
         assert torch.equal(via_hf(INPUT).logits, dispatched(INPUT).logits)
+
+
+async def test_buffers_follow_their_module_to_a_single_device(tmp_path: Path) -> None:
+    """A model whose map names one device for everything is not dispatched; its buffers (built
+    on the CPU, such as rotary tables) still move to that device. ``meta`` stands in for
+    ``cuda:0`` here."""
+    path = save_tiny("llama", tmp_path / "llama")
+    loaded = await streamload.load(path, params(["cpu"]))
+    loaded.device_map = dict.fromkeys(loaded.device_map, "meta")
+    model = build_model(loaded)
+    buffers = dict(model.named_buffers())
+    assert buffers
+    assert {"meta"} == {buffer.device.type for buffer in buffers.values()}

@@ -20,7 +20,9 @@ a missing NVML library or driver means "no NVML", never an error.
 
 Modules: ``_protocol`` (``Device``, ``Fence``: the whole contract the engine relies on),
 ``_host`` (host memory readings, ``CpuDevice``), ``_nvml`` (NVML and the ordinal -> handle
-mapping), ``_cuda`` (``CudaDevice``), ``_discovery`` (``resolve_devices``, ``capacities``).
+mapping), ``_runtime`` (``CudaRuntime``: the seam where ``CudaDevice`` calls ``torch.cuda``, and
+``TorchCuda``, the real one), ``_cuda`` (``CudaDevice``), ``_discovery`` (``resolve_devices``,
+``capacities``).
 Process-wide state (the NVML wrapper, the cgroup directories) lives in ``streamload._state``.
 """
 
@@ -38,12 +40,16 @@ from streamload.devices._nvml import (
     resolve_nvml_handle,
 )
 from streamload.devices._protocol import DONE, Device, DeviceSpec, DoneFence, Fence
+from streamload.devices._runtime import CudaEvent, CudaRuntime, CudaStream, TorchCuda
 
 __all__ = [
     "DONE",
     "CpuDevice",
     "CudaDevice",
+    "CudaEvent",
     "CudaFence",
+    "CudaRuntime",
+    "CudaStream",
     "Device",
     "DeviceSpec",
     "DoneFence",
@@ -51,6 +57,7 @@ __all__ = [
     "Nvml",
     "NvmlApi",
     "NvmlMemory",
+    "TorchCuda",
     "VisibleGpu",
     "capacities",
     "default_nvml",

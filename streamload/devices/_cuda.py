@@ -5,33 +5,37 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+import pynvml
 import torch
 
 from streamload.devices._nvml import Nvml, default_nvml, nvml_uuid_from_torch, resolve_nvml_handle
 from streamload.devices._protocol import Fence
+from streamload.devices._runtime import CudaEvent, CudaRuntime, CudaStream, TorchCuda
 from streamload.errors import DeviceError
 
 
 @dataclass(frozen=True, slots=True)
 class CudaFence:
-    """An H2D copy enqueued on a device's copy stream, marked by ``event``.
+    """Work enqueued on a device's copy stream (copies, conversions), marked by ``event``.
 
-    ``wait()`` blocks the calling thread until the copy has finished (``event.synchronize()``);
-    ``done()`` asks without blocking (``event.query()``). Once either says the copy finished,
-    ``dst`` holds the data for work on *any* stream and the staging source may be refilled.
-    Work that must be ordered after the copy without waiting on the host first has to make its
-    stream wait for the event itself: ``torch.cuda.current_stream(dev).wait_event(fence.event)``.
-    ``wait()`` does not do that: it runs in a worker thread, whose current stream need not be
-    the consumer's.
+    ``event`` is created ``blocking=True``: a thread in ``wait()`` (``event.synchronize()``)
+    sleeps instead of spinning a CPU (``cudaEventBlockingSync``; torch's default is
+    ``blocking=False``). The engine polls ``done()`` (``event.query()``, which never blocks)
+    from worker threads instead, checking for cancellation between polls: a thread inside
+    ``synchronize()`` on a hung GPU could not be abandoned. Once either says the work finished,
+    its destinations hold the data for work on *any* stream and the staging source may be
+    refilled.
     """
 
-    event: torch.cuda.Event
+    event: CudaEvent
 
     def done(self) -> bool:
-        return bool(self.event.query())  # type: ignore[no-untyped-call]
+        return bool(self.event.query())
 
     def wait(self) -> None:
         self.event.synchronize()
@@ -47,27 +51,48 @@ _UNRESOLVED: Any = object()
 class CudaDevice:
     """CUDA GPU ``cuda:N`` (torch ordinal ``N``).
 
-    Allocation is ``torch.empty`` on the device. Staging buffers are pinned host memory; each
-    ``copy_from_host`` is a ``non_blocking`` copy on this device's own copy stream, which first
-    waits for the work already queued on the calling thread's current stream (``dst`` may
-    reuse memory that work still touches), and marks ``dst`` as used by the copy stream
-    (``record_stream``) so freeing it early cannot hand its memory to another tensor while the
-    copy runs. The returned ``CudaFence`` says when the copy finished.
+    Every call that concerns the device runs inside ``device(N)`` (``torch.cuda.device``): the
+    current device is per host thread and 0 in a fresh worker thread, and leaving a stream
+    context for device ``N`` there would set device 0, which creates a context on GPU 0. The
+    guard's exit restores the thread's device without creating one.
 
-    Construction creates no CUDA context: it reads ``get_device_properties``.
+    Allocation is ``torch.empty`` on the device. ``mark_allocated`` records an event on the
+    allocating thread's current stream after a unit's allocations and makes the copy stream
+    wait for it, once per unit: the caching allocator may hand out a block whose previous
+    tenant's work is still queued on that stream. Staging buffers are pinned host memory; each
+    ``copy_from_host`` is a ``non_blocking`` copy on this device's own copy stream, marking
+    ``dst`` as used by that stream (``record_stream``) so freeing it early cannot hand its
+    memory to another tensor while the copy runs. Conversions run on the copy stream too, after
+    the copies (stream order), and their fence says when they finished.
+
+    ``prepare`` creates the device's primary context before its memory is read for a plan: the
+    first allocation would otherwise create it (hundreds of MB) and make the device seem to
+    under-deliver. Live free memory comes from NVML; when an NVML call fails for this device
+    (no permission, an unknown error, a GPU lost), from ``cudaMemGetInfo`` from then on, with a
+    notice (``take_notices``). ``release_cache`` returns what torch's caching allocator and its
+    pinned-host cache hold unused to the driver.
+
+    Construction creates no CUDA context: it reads ``get_device_properties``. ``runtime`` is
+    the CUDA runtime every call goes through (``TorchCuda``, the real one, by default;
+    ``streamload.testing.FakeCuda`` in tests).
     """
 
-    def __init__(self, ordinal: int, *, nvml: Nvml | None = None) -> None:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    def __init__(
+        self, ordinal: int, *, nvml: Nvml | None = None, runtime: CudaRuntime | None = None
+    ) -> None:
+        rt: CudaRuntime = TorchCuda() if runtime is None else runtime
+        count = rt.device_count() if rt.is_available() else 0
         if not 0 <= ordinal < count:
             raise DeviceError(f"cuda:{ordinal}", f"not visible ({count} CUDA devices)")
+        self._rt = rt
         self._ordinal = ordinal
-        self._device = torch.device("cuda", ordinal)
-        self._props = torch.cuda.get_device_properties(ordinal)
+        self._props = rt.get_device_properties(ordinal)
         self._nvml = default_nvml() if nvml is None else nvml
         self._lock = threading.Lock()
         self._handle: Any = _UNRESOLVED
-        self._stream: torch.cuda.Stream | None = None
+        self._nvml_failed = False
+        self._notices: list[str] = []
+        self._stream: CudaStream | None = None
 
     @property
     def name(self) -> str:
@@ -92,66 +117,131 @@ class CudaDevice:
     def total_bytes(self) -> int:
         return int(self._props.total_memory)
 
+    def prepare(self) -> None:
+        """Create the primary context now (the first allocation creates it otherwise)."""
+        rt = self._rt
+        if rt.has_primary_context(self._ordinal):
+            return
+        with rt.device(self._ordinal):
+            rt.empty((1,), torch.uint8, self._ordinal)
+
     def live_free_bytes(self) -> int:
         """NVML free (else ``mem_get_info`` free) + torch-reserved-but-unallocated bytes."""
-        cached = torch.cuda.memory_reserved(self._ordinal) - torch.cuda.memory_allocated(
-            self._ordinal
-        )
-        handle = self._nvml_handle()
-        if handle is None:
+        rt = self._rt
+        cached = rt.memory_reserved(self._ordinal) - rt.memory_allocated(self._ordinal)
+        driver_free = self._nvml_free()
+        if driver_free is None:
             try:
-                driver_free, _ = torch.cuda.mem_get_info(self._ordinal)
+                with rt.device(self._ordinal):
+                    driver_free, _ = rt.mem_get_info(self._ordinal)
             except RuntimeError as exc:
                 raise DeviceError(self.name, f"cudaMemGetInfo failed: {exc}") from exc
-        else:
-            driver_free = self._nvml.memory(handle, device=self.name).free
         return int(driver_free) + max(int(cached), 0)
+
+    def take_notices(self) -> list[str]:
+        with self._lock:
+            notices, self._notices = self._notices, []
+        return notices
 
     def empty(
         self, shape: tuple[int, ...], dtype: torch.dtype, *, huge_pages: bool = False
     ) -> torch.Tensor:
         """``torch.empty`` on the GPU (``huge_pages`` concerns host pages: not asked here)."""
-        return torch.empty(shape, dtype=dtype, device=self._device)
+        with self._rt.device(self._ordinal):
+            return self._rt.empty(shape, dtype, self._ordinal)
+
+    def mark_allocated(self) -> None:
+        rt = self._rt
+        stream = self._copy_stream()
+        event = rt.new_event(blocking=True)
+        with rt.device(self._ordinal):
+            event.record(rt.current_stream(self._ordinal))
+            stream.wait_event(event)
+
+    def current(self) -> AbstractContextManager[None]:
+        return self._rt.device(self._ordinal)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return self._rt.pinned_empty(nbytes)
 
     def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
+        rt = self._rt
         stream = self._copy_stream()
-        stream.wait_stream(torch.cuda.current_stream(self._device))
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
+        event = rt.new_event(blocking=True)
+        with rt.device(self._ordinal), rt.stream(stream):
+            rt.copy(dst, src, non_blocking=True)
             event.record(stream)
-        dst.record_stream(stream)
+            rt.record_stream(dst, stream)
+        return CudaFence(event)
+
+    def convert(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Fence:
+        rt = self._rt
+        stream = self._copy_stream()
+        event = rt.new_event(blocking=True)
+        with rt.device(self._ordinal), rt.stream(stream):
+            for dst, src in pairs:
+                rt.copy(dst, src, non_blocking=True)
+            event.record(stream)
         return CudaFence(event)
 
     def receive(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
         """A peer (or host) copy of a complete ``src`` into ``dst`` on this device's copy
-        stream, ordered after the work queued where ``dst`` was allocated. The stream is
-        entered under this device's guard, so leaving it restores this device's stream, not
-        device 0's (which would create a context there); the event blocks rather than spins."""
+        stream, ordered after the work queued where ``dst`` was allocated (an event recorded
+        there, as ``mark_allocated`` does), under this device's guard."""
+        rt = self._rt
         stream = self._copy_stream()
-        current = torch.cuda.current_stream(self._device)
-        event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
-        with torch.cuda.device(self._ordinal), torch.cuda.stream(stream):
-            stream.wait_stream(current)
-            dst.copy_(src, non_blocking=True)
-            event.record(stream)
-        dst.record_stream(stream)
-        return CudaFence(event)
+        allocated = rt.new_event(blocking=True)
+        done = rt.new_event(blocking=True)
+        with rt.device(self._ordinal):
+            allocated.record(rt.current_stream(self._ordinal))
+            stream.wait_event(allocated)
+            with rt.stream(stream):
+                rt.copy(dst, src, non_blocking=True)
+                done.record(stream)
+                rt.record_stream(dst, stream)
+        return CudaFence(done)
 
     def synchronize(self) -> None:
         with self._lock:
             stream = self._stream
         if stream is not None:
-            stream.synchronize()
+            with self._rt.device(self._ordinal):
+                stream.synchronize()
 
-    def _copy_stream(self) -> torch.cuda.Stream:
+    def release_cache(self) -> None:
+        """``torch.cuda.empty_cache()`` and the pinned-host cache's ``_host_emptyCache()``;
+        no-ops for memory still in use (the caller's tensors, copies in flight)."""
+        rt = self._rt
+        if not rt.has_primary_context(self._ordinal):
+            return  # nothing was allocated here; do not create a context to empty nothing
+        with rt.device(self._ordinal):
+            rt.empty_cache()
+        rt.host_empty_cache()
+
+    def _copy_stream(self) -> CudaStream:
         with self._lock:
             if self._stream is None:
-                self._stream = torch.cuda.Stream(device=self._device)  # type: ignore[no-untyped-call]
+                with self._rt.device(self._ordinal):
+                    self._stream = self._rt.new_stream(self._ordinal)
             return self._stream
+
+    def _nvml_free(self) -> int | None:
+        """NVML's free bytes, or ``None`` when NVML cannot say: absent, unmatched, or failed
+        for this device (once failed, not asked again: a GPU lost to NVML stays lost)."""
+        if self._nvml_failed:
+            return None
+        try:
+            handle = self._nvml_handle()
+            if handle is None:
+                return None
+            return self._nvml.memory(handle, device=self.name).free
+        except DeviceError as exc:
+            if not isinstance(exc.__cause__, pynvml.NVMLError):
+                raise
+            with self._lock:
+                self._nvml_failed = True
+                self._notices.append(f"{exc}; reading cudaMemGetInfo instead")
+            return None
 
     def _nvml_handle(self) -> Any | None:
         with self._lock:

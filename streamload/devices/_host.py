@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -185,8 +188,20 @@ class CpuDevice:
     def total_bytes(self) -> int:
         return host_total_bytes()
 
+    def prepare(self) -> None:
+        return None
+
     def live_free_bytes(self) -> int:
         return host_available_bytes()
+
+    def take_notices(self) -> list[str]:
+        return []
+
+    def mark_allocated(self) -> None:
+        return None
+
+    def current(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def empty(
         self, shape: tuple[int, ...], dtype: torch.dtype, *, huge_pages: bool = False
@@ -216,8 +231,16 @@ class CpuDevice:
         dst.copy_(src)
         return DONE
 
+    def convert(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Fence:
+        for dst, src in pairs:
+            dst.copy_(src)
+        return DONE
+
     def synchronize(self) -> None:
         return None
+
+    def release_cache(self) -> None:
+        return None  # freed host memory goes back to the allocator, not a cache of ours
 
     def __repr__(self) -> str:
         return "CpuDevice()"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -50,8 +51,17 @@ class Device(Protocol):
 
     def total_bytes(self) -> int: ...
 
+    def prepare(self) -> None:
+        """Make what using the device costs by itself exist before its memory is read for a
+        plan (CUDA: the primary context, which takes device memory at the first allocation
+        otherwise); blocking, idempotent."""
+
     def live_free_bytes(self) -> int:
         """Bytes this process could allocate now (GPU: NVML free + own reusable cache)."""
+
+    def take_notices(self) -> list[str]:
+        """What the device had to fall back on since the last call (e.g. its free memory read
+        another way because NVML failed), each once; the engine reports them as events."""
 
     def empty(
         self, shape: tuple[int, ...], dtype: torch.dtype, *, huge_pages: bool = False
@@ -59,6 +69,16 @@ class Device(Protocol):
         """A new uninitialised tensor on this device; ``torch.OutOfMemoryError`` if it
         does not fit. ``huge_pages``: the tensor's whole 2 MiB stretches in transparent huge
         pages (``streamload._hostmem.huge_mapping``); only ``host_memory`` devices are asked."""
+
+    def mark_allocated(self) -> None:
+        """Called in the allocating thread once a unit's tensors are allocated: copies and
+        conversions started from now on are ordered after the work queued where they were
+        allocated (a GPU's allocator may reuse memory that work still touches)."""
+
+    def current(self) -> AbstractContextManager[None]:
+        """Make this device the calling thread's current device for the duration (CUDA:
+        ``torch.cuda.device``; code that stages on "the current device", such as NCCL object
+        collectives, lands on GPU 0 in a fresh thread otherwise); a no-op for other devices."""
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A reusable ``uint8`` host staging buffer for this device (pinned on CUDA)."""
@@ -76,8 +96,19 @@ class Device(Protocol):
         of the same shape and dtype from this device's ``empty``); ``dst`` may be used once
         the fence is done or waited. Used to move placed layers when a device spills."""
 
+    def convert(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Fence:
+        """Start converting each ``(dst, src)``: ``src`` (this device's raw buffer in the stored
+        dtype, its copies started) into ``dst`` (on this device, the target dtype), ordered
+        after every copy this device started. ``dst`` holds the result once the returned fence
+        is done; until then it may hold anything (a GPU queues the work)."""
+
     def synchronize(self) -> None:
         """Wait for every copy this device started."""
+
+    def release_cache(self) -> None:
+        """Return memory this process's allocators cache for this device but do not use to
+        the system (CUDA: the caching allocator's free blocks and the pinned-host cache), so
+        other processes can have it; memory still referenced stays. Blocking."""
 
 
 DeviceSpec = Literal["auto"] | Sequence["str | Device"]

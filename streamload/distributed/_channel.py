@@ -4,6 +4,7 @@ fails the others with a ``CollectiveError``."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import socket
 import threading
@@ -14,6 +15,7 @@ import anyio
 import anyio.to_thread
 import torch.distributed as dist
 
+from streamload.devices import Device
 from streamload.errors import CollectiveError, DistributedError
 
 __all__ = ["DEFAULT_TIMEOUT"]
@@ -27,6 +29,11 @@ _GRACE = 5.0  # seconds past a group's own timeout before a wait is abandoned
 
 class _Channel:
     """Object collectives over a gloo group, run in worker threads with bounded waits.
+
+    Once ``device`` is set (the rank's first GPU), each collective runs with it as the worker
+    thread's current device: a worker thread starts on device 0, and a group whose backend
+    stages objects on the current device (NCCL, when the caller passes one) would put every
+    rank's exchange on GPU 0.
 
     A wait that outlives ``timeout`` + a grace, or is cancelled, is abandoned (the thread ends
     when the group's own timeout fires, or completes the exchange if the peers arrive in
@@ -42,6 +49,7 @@ class _Channel:
         self.world = dist.get_world_size(group)
         self.root = dist.get_process_group_ranks(group)[0]
         self.abandoned = False
+        self.device: Device | None = None
 
     @classmethod
     async def open(cls, group: dist.ProcessGroup | None, peer_timeout: float) -> _Channel:
@@ -89,9 +97,12 @@ class _Channel:
     async def _run(self, exchange: str, fn: Callable[[], T]) -> T:
         finished = threading.Event()
 
+        device = self.device
+
         def run() -> T:
             try:
-                return fn()
+                with contextlib.nullcontext() if device is None else device.current():
+                    return fn()
             finally:
                 finished.set()
 

@@ -17,7 +17,7 @@ import anyio.to_thread
 import structlog
 import torch.distributed as dist
 
-from streamload.devices import capacities, resolve_devices
+from streamload.devices import Device, capacities, resolve_devices
 from streamload.distributed._channel import _GRACE, DEFAULT_TIMEOUT, _Channel
 from streamload.distributed._failure import _Failure
 from streamload.distributed._results import (
@@ -63,6 +63,7 @@ class _Local:
 
     survey: _Survey
     spec: ModelSpec | None
+    gpu: Device | None = None  # the rank's first GPU: collectives run with it current
 
 
 async def load_distributed(
@@ -105,6 +106,7 @@ async def _run(
     channel: _Channel, path: Path, params: LoadParams, on_event: DistributedEventCallback | None
 ) -> DistributedModel:
     local = await anyio.to_thread.run_sync(_survey, path, params, channel.rank, channel.host)
+    channel.device = local.gpu
     surveys = await channel.all_gather("the exchange of capacities", local.survey)
     _agree(surveys)
     plan = await _agree_on_plan(channel, local, surveys, params)
@@ -134,12 +136,15 @@ def _survey(path: Path, params: LoadParams, rank: int, host: str) -> _Local:
         spec = inspect(path, target_dtype=params.target_code)
         phase = "probing its devices"
         devices = resolve_devices(params.devices)
+        for device in devices:
+            device.prepare()  # a GPU's context takes memory: before its capacity is read
         caps = tuple(capacities(devices, caps=params.memory_caps))
     except Exception as exc:  # every rank must hear of it, whatever it is
         failure = _Failure.of(exc, rank=rank, host=host, phase=phase)
         return _Local(_Survey(rank, host, None, "", settings, failure), None)
     capacity = RankCapacity(rank, host, caps)
-    return _Local(_Survey(rank, host, capacity, _fingerprint(spec), settings, None), spec)
+    gpu = next((device for device in devices if device.is_gpu), None)
+    return _Local(_Survey(rank, host, capacity, _fingerprint(spec), settings, None), spec, gpu)
 
 
 def _fingerprint(spec: ModelSpec) -> str:

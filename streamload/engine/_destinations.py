@@ -39,7 +39,7 @@ from streamload import _hostmem
 from streamload.checkpoint import TensorEntry
 from streamload.devices import Device
 from streamload.engine._flight import InFlight
-from streamload.engine._reader import Files
+from streamload.engine._reader import Files, await_fence
 from streamload.engine._units import (
     Destination,
     Unit,
@@ -146,7 +146,11 @@ class Destinations:
         is the device's live free memory read just before. ``torch.OutOfMemoryError`` when
         the device refuses (nothing of the unit is kept)."""
         started = time.perf_counter()
-        got = self._block(unit, how) if how.block else self._per_tensor(unit, device, how)
+        if how.block:
+            got = self._block(unit, how)
+        else:
+            got = self._per_tensor(unit, device, how)
+            device.mark_allocated()
         raw_bytes = sum(t.nbytes for t in got.raw.values())
         chunks = cut_chunks(got.items, read_chunk_bytes(self._params.chunk_bytes, device.staged))
         got.items.clear()
@@ -163,11 +167,19 @@ class Destinations:
         )
 
     def complete(self, flight: InFlight) -> None:
-        """Wait for the unit's copies, then convert raw buffers into the final tensors."""
+        """Wait for the unit's copies, convert raw buffers into the final tensors on the
+        device, and wait for the conversions: a tensor is handed out only once it holds its
+        bytes for work on any stream. Waits poll (``await_fence``): an anyio worker thread."""
         for fence in flight.fences:
-            fence.wait()
-        for name in list(flight.raw):
-            flight.final[name].copy_(flight.raw.pop(name))
+            await_fence(fence)
+        pairs = [(flight.final[name], raw) for name, raw in flight.raw.items()]
+        flight.raw.clear()
+        if pairs:
+            fence = flight.device.convert(pairs)
+            pairs.clear()
+            # Waited here, before the unit counts as placed: a later unit's raw buffers reuse
+            # this one's part of the scratch, and the tensors go out to other streams.
+            await_fence(fence)
 
     def release(self) -> None:
         """Give back every device's conversion scratch (the load is over)."""

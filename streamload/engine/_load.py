@@ -11,6 +11,7 @@ the unit two before it has been read (``_room_for``).
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from streamload.events import (
     LoadFailed,
     LoadFinished,
     LoadReport,
+    MemoryReadingFallback,
     PlanComputed,
     emit,
 )
@@ -64,6 +66,7 @@ class _Parts:
     """The stages of one load, made once the spec and the devices are known."""
 
     spec: ModelSpec
+    devices: list[Device]
     units: list[Unit]
     budget: Budget
     reader: Reader
@@ -113,9 +116,11 @@ class _Load:
 
     async def run(self) -> LoadedModel:
         started = time.perf_counter()
+        failed = False
         try:
             return await self._run(started)
         except BaseException as exc:
+            failed = True
             self._release()
             _boundary.scrub(exc)
             error = _boundary.single(exc)
@@ -131,10 +136,14 @@ class _Load:
             if self.parts is not None:
                 self.parts.budget.release()
                 with anyio.CancelScope(shield=True):
-                    # Copies still in flight may write into the conversion scratch: the reader
-                    # waits for them before the scratch goes.
+                    # Copies still in flight may write into the conversion scratch; dropping it
+                    # is safe all the same: a device keeps what its queued work touches (CUDA:
+                    # record_stream on the copy stream), and a wait could hang on a hung GPU.
                     await anyio.to_thread.run_sync(self.parts.reader.close)
                 self.parts.destinations.release()
+                if failed and self.params.empty_cache_on_failure:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(_release_caches, self.parts.devices)
 
     async def _setup(self) -> _Parts:
         params = self.params
@@ -145,13 +154,15 @@ class _Load:
                 lambda: inspect(self.path, target_dtype=params.target_code)
             )
         devices = await anyio.to_thread.run_sync(resolve_devices, params.devices)
+        # Before any capacity is read: a GPU's context takes memory when it is created.
+        await anyio.to_thread.run_sync(_prepare, devices)
         unit_list = units(spec)
         scratch = conversion_scratch(spec)
-        reader = Reader(spec, params, self._filled)
+        reader = Reader(spec, params, lambda flight: self._progress())
         destinations = Destinations(spec, params, reader.files, scratch)
         budget = Budget(spec, devices, params, transient=destinations.transient)
         return _Parts(
-            spec, unit_list, budget, reader, destinations, PageCache(reader.files), scratch
+            spec, devices, unit_list, budget, reader, destinations, PageCache(reader.files), scratch
         )
 
     async def _run(self, started: float) -> LoadedModel:
@@ -160,7 +171,11 @@ class _Load:
         p = self.p
         self.spills = Spills(p.budget, p.units, self.tensors, self._stats, self._emit, self._drain)
         plan_seconds, fallbacks = await p.budget.first_plan()
-        await self._emit(PlanComputed(p.budget.current, str(self.path), plan_seconds), *fallbacks)
+        await self._emit(
+            PlanComputed(p.budget.current, str(self.path), plan_seconds),
+            *fallbacks,
+            *_notices(self.p.devices),
+        )
         async with anyio.create_task_group() as group:
             await self._stream(group)
         # A cancellation requested by the last event callback still cancels the load.
@@ -173,7 +188,7 @@ class _Load:
             self.tensors[alias] = self.tensors[source]
         report = self._report(time.perf_counter() - started, plan_seconds)
         await self._emit(LoadFinished(report))
-        model = LoadedModel(self.tensors, p.budget.current, report, p.spec)
+        model = LoadedModel(self.tensors, p.budget.current, report, p.spec, p.devices)
         self.tensors = {}
         return model
 
@@ -194,26 +209,14 @@ class _Load:
             p.reader.start(flight, group)
 
     def _room_for(self, index: int, unit: Unit) -> bool:
-        """Whether unit ``index`` may be allocated now: at most two units are being read.
-
-        A unit bound for a GPU also waits until the unit two before it is placed and its
-        ``LayerPlaced`` delivered, so the recheck before it sees that placement (and whatever a
-        callback did about it). A unit bound for host memory is rechecked against nothing a
-        placement changes: it is allocated as soon as the unit two before it has been read,
-        while that one's placement is still being reported (at most three units unplaced,
-        their conversion buffers within the scratch the plan left), so the next unit's reads
-        start before the current ones drain; three units read at once cost more system time than
-        they save (``benchmarks/results/measurements.md``).
-        """
-        p = self.p
-        unplaced = index - self.placed
-        if unplaced < 2:
-            return True
-        if unplaced > 2 or p.budget.device_for(unit).is_gpu:
-            return False
-        reading = sum(1 for flight in self.inflight if not flight.done.is_set())
-        held = sum(flight.raw_bytes for flight in self.inflight)
-        return reading < 2 and held + unit.raw_bytes <= p.scratch
+        """Whether unit ``index`` may be allocated now (``room_for``)."""
+        return room_for(
+            unplaced=index - self.placed,
+            to_gpu=self.p.budget.device_for(unit).is_gpu,
+            reading=sum(1 for flight in self.inflight if not flight.done.is_set()),
+            raw=sum(flight.raw_bytes for flight in self.inflight) + unit.raw_bytes,
+            scratch=self.p.scratch,
+        )
 
     def _stats(self, device: str) -> _DeviceStats:
         return self.device_stats.setdefault(device, _DeviceStats())
@@ -227,10 +230,6 @@ class _Load:
         """Wake ``_stream`` to look at its window again (a unit was read or placed)."""
         self.progress.set()
         self.progress = anyio.Event()
-
-    def _filled(self, flight: InFlight) -> None:
-        """``flight``'s reads are over (the reader calls this on the event loop)."""
-        self._progress()
 
     async def _place_in_order(self) -> None:
         """Finish and report every unit in plan order as its reads complete."""
@@ -264,6 +263,7 @@ class _Load:
             live: int | None = None  # host memory: read in the allocating call (one hop less)
             if device.is_gpu:
                 live = await anyio.to_thread.run_sync(budget.live_free, device)
+                await self._emit(*_notices(self.p.devices))
                 have = budget.have(device, live)
                 if have < need:
                     reason = "under-delivered: live free memory is below what its plan still needs"
@@ -374,6 +374,28 @@ class _Load:
             self.inflight.popleft().drop()
 
 
+def _notices(devices: list[Device]) -> list[Event]:
+    """What the devices had to fall back on since last asked, as events."""
+    return [
+        MemoryReadingFallback(device.name, notice)
+        for device in devices
+        for notice in device.take_notices()
+    ]
+
+
+def _prepare(devices: list[Device]) -> None:
+    for device in devices:
+        device.prepare()
+
+
+def _release_caches(devices: list[Device]) -> None:
+    # Cycles first: a cancelled worker's exception keeps its frame, and the frame its staging
+    # slot or destination, until the cycle collector runs; a cache cannot return what they hold.
+    gc.collect()
+    for device in devices:
+        device.release_cache()
+
+
 async def load(
     path: str | Path,
     params: LoadParams | None = None,
@@ -387,8 +409,10 @@ async def load(
     function, called in order on the event loop) and to the ``streamload`` structlog logger.
 
     Cancellation (a cancel scope, a cancelled task, a server shutting down): every tensor the
-    load placed is released, reader threads finish, every file descriptor is closed, a
-    ``LoadFailed`` event is emitted, and the cancellation propagates. Any other failure does the
+    load placed is released (and, with ``LoadParams.empty_cache_on_failure``, returned from
+    torch's caches to the driver), reader threads finish, every file descriptor is closed, a
+    ``LoadFailed`` event is emitted, and the cancellation propagates; waits for a GPU poll, so
+    a GPU that stopped answering does not hold the cancellation up. Any other failure does the
     same and raises a ``StreamloadError`` naming the file, tensor, layer or device involved.
 
     ``spec``: stream exactly this model spec (a subset of the checkpoint's layers and parts,
@@ -396,3 +420,24 @@ async def load(
     it must come from the same checkpoint and the same target dtype as ``params``.
     """
     return await _Load(Path(path), params or LoadParams(), on_event, spec).run()
+
+
+def room_for(*, unplaced: int, to_gpu: bool, reading: int, raw: int, scratch: int) -> bool:
+    """Whether the next unit may be allocated, with ``unplaced`` units before it not yet
+    placed (``reading`` of them still being read, their raw buffers and its own ``raw``
+    bytes): at most two units are being read.
+
+    A unit bound for a GPU also waits until the unit two before it is placed and its
+    ``LayerPlaced`` delivered, so the recheck before it sees that placement (and whatever a
+    callback did about it). A unit bound for host memory is rechecked against nothing a
+    placement changes: it is allocated as soon as the unit two before it has been read, while
+    that one's placement is still being reported (at most three units unplaced, their
+    conversion buffers within the scratch the plan left), so the next unit's reads start before
+    the current ones drain; three units read at once cost more system time than they save
+    (``benchmarks/results/measurements.md``).
+    """
+    if unplaced < 2:
+        return True
+    if unplaced > 2 or to_gpu:
+        return False
+    return reading < 2 and raw <= scratch

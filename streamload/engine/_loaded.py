@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
 import torch
 
+from streamload.devices import Device
 from streamload.events import LoadReport
 from streamload.model import ModelSpec
 from streamload.planner import Plan
@@ -44,8 +46,10 @@ class LoadedModel(Releasable):
     ``placement`` gives the same keys with streamload's device names (``"sim:0"``).
 
     ``release()`` drops every reference the library holds; device memory returns once the
-    caller's own references to the tensors are gone too. ``async with await load(...) as m:``
-    releases on exit.
+    caller's own references to the tensors are gone too (a tensor the caller kept, or a model
+    built on them, keeps its memory). Freed CUDA memory then stays in torch's caching
+    allocator, reusable by this process only; ``release(empty_cache=True)`` hands what is free
+    back to the driver. ``async with await load(...) as m:`` releases on exit.
     """
 
     def __init__(
@@ -54,17 +58,24 @@ class LoadedModel(Releasable):
         plan: Plan,
         report: LoadReport,
         spec: ModelSpec,
+        devices: Sequence[Device] = (),
     ) -> None:
         self.tensors = tensors
+        self.devices = tuple(devices)
         self.plan = plan
         self.report = report
         self.spec = spec
         self.placement = _placement(spec, plan)
         self.device_map = _torch_device_map(spec, self.placement, tensors)
 
-    def release(self) -> None:
-        """Drop every tensor reference the library holds (idempotent)."""
+    def release(self, *, empty_cache: bool = False) -> None:
+        """Drop every tensor reference the library holds (idempotent). ``empty_cache``: then
+        return the memory this frees from the devices' caches to the system
+        (``Device.release_cache``; blocking, a few milliseconds per GPU)."""
         self.tensors.clear()
+        if empty_cache:
+            for device in self.devices:
+                device.release_cache()
 
     def __repr__(self) -> str:
         return (

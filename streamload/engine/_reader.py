@@ -43,6 +43,7 @@ __all__ = [
     "ReadQueue",
     "Reader",
     "StagingRing",
+    "await_fence",
     "host_view",
     "read_into",
     "ring_slots",
@@ -137,6 +138,22 @@ def read_direct(files: Files, chunk: Chunk) -> None:
             view.release()
 
 
+_POLL_FIRST = 50e-6  # seconds: the first pause between polls of a fence
+_POLL_MOST = 1e-3  # seconds: pauses double up to this
+
+
+def await_fence(fence: Fence) -> None:
+    """Wait for ``fence`` in an anyio worker thread: poll ``done()`` with short sleeps (doubling
+    up to a millisecond) and check for cancellation between polls. A thread blocked in a CUDA
+    event's ``synchronize()`` cannot be abandoned, so a hung GPU would keep a cancelled load
+    from ending; a poll never blocks."""
+    pause = _POLL_FIRST
+    while not fence.done():
+        anyio.from_thread.check_cancelled()
+        time.sleep(pause)
+        pause = min(pause * 2, _POLL_MOST)
+
+
 @dataclass(slots=True)
 class Slot:
     buffer: torch.Tensor  # uint8 host buffer (pinned on CUDA)
@@ -148,7 +165,7 @@ def read_staged(files: Files, device: Device, chunk: Chunk, slot: Slot) -> Fence
     """Read ``chunk`` into ``slot`` and start its copies to ``device`` (blocking); returns the
     fence of the last copy (copies to one device complete in order)."""
     if slot.fence is not None:
-        slot.fence.wait()  # the previous copy out of this slot has finished
+        await_fence(slot.fence)  # the previous copy out of this slot has finished
         slot.fence = None
     tensor = chunk.pieces[0].tensor
     lead = chunk.offset % STAGING_ALIGN  # co-align with the page cache
@@ -222,10 +239,12 @@ class StagingRing:
         self._available.release()
 
     def close(self) -> None:
-        """Wait for outstanding copies (blocking) and drop the buffers."""
+        """Drop the buffers without waiting for copies still reading them: a device that
+        copies later keeps its source alive (torch's pinned-host allocator reuses a block only
+        after the events recorded by copies out of it; a simulated GPU's copy holds a
+        reference), and a wait here could hang a cancelled load on a hung GPU."""
         for slot in self._slots:
-            if slot.fence is not None:
-                slot.fence.wait()
+            slot.fence = None
             slot.view.release()
         self._slots.clear()
         self._free.clear()
@@ -328,7 +347,7 @@ class Reader:
                 os.posix_fadvise(self.files.fd(path), start, end - start, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
-        """Wait for outstanding copies, drop the ring, close every file (blocking)."""
+        """Drop the ring, close every file (blocking)."""
         if self._ring is not None:
             with contextlib.suppress(Exception):
                 self._ring.close()

@@ -5,9 +5,10 @@
 
 The model is built on the meta device (parameters only; buffers such as rotary tables are real),
 the streamed tensors are assigned without copies (``load_state_dict(assign=True)``), tied weights
-are tied by the model's own ``tie_weights``, and the layers are dispatched across the planned
-devices by ``accelerate.dispatch_model`` with ``LoadedModel.device_map``: each module runs where
-its weights are (CPU layers run on the CPU, not offloaded to a GPU).
+are tied by the model's own ``tie_weights``, every buffer is moved to its module's device (also
+when one GPU holds the whole model), and the layers are dispatched across the planned devices by
+``accelerate.dispatch_model`` with ``LoadedModel.device_map``: each module runs where its weights
+are (CPU layers run on the CPU, not offloaded to a GPU).
 """
 
 from __future__ import annotations
@@ -93,12 +94,25 @@ def build_model(loaded: LoadedModel, *, model_class: Any | None = None) -> Any:
     del missing
     model.eval()
     device_map = _module_map(model, loaded)
+    _place_buffers(model, device_map)
     devices = set(device_map.values())
     main = "cpu" if "cpu" in devices or not devices else sorted(devices)[0]
     if len(devices) > 1:
         accelerate.dispatch_model(model, device_map=device_map, main_device=main)
     model.hf_device_map = dict(loaded.device_map)
     return model
+
+
+def _place_buffers(model: Any, device_map: dict[str, str]) -> None:
+    """Move every buffer to its module's device in ``device_map`` (the deepest mapped module
+    that contains it). The model is built with its buffers real, on the CPU; a model held by
+    one GPU is not dispatched, so nothing else would move them and forward would mix devices."""
+    for name in sorted(device_map, key=lambda n: n.count(".") if n else -1):
+        target = torch.device(device_map[name])
+        for module in model.get_submodule(name).modules():
+            for key, buffer in module._buffers.items():
+                if buffer is not None and buffer.device != target:
+                    module._buffers[key] = buffer.to(target)
 
 
 def _module_map(model: Any, loaded: LoadedModel) -> dict[str, str]:

@@ -5,6 +5,9 @@ Like ``httpx.MockTransport`` or ``structlog.testing``: public, documented, stabl
 - ``SimulatedGPU``: a device with a memory ledger that goes through the engine's CUDA path
   (probe, allocate, staging ring, copy, recheck) with a host copy as the copy primitive;
   ``steal``/``give_back`` play another tenant.
+- ``FakeCuda``: a recording fake of the CUDA runtime for ``CudaDevice(runtime=...)``, so the
+  real CUDA device code runs here; it enforces per-thread current devices, contexts that cost
+  memory, streams and events with their flags, and copies that complete only when waited.
 - Checkpoint writers: ``write_safetensors``, ``write_sparse_safetensors`` (a real header, a data
   region that is a file hole), ``write_sharded`` (Hugging Face layout with an index).
 - Shapes of real models: ``llama_config``/``llama_shapes`` and the presets ``LLAMA_3_8B``,
@@ -12,6 +15,7 @@ Like ``httpx.MockTransport`` or ``structlog.testing``: public, documented, stabl
   big models from sparse files at no disk cost.
 """
 
+from streamload.testing._fake_cuda import FakeCall, FakeCuda
 from streamload.testing._shapes import (
     LLAMA_3_1_70B,
     LLAMA_3_1_405B,
@@ -33,6 +37,8 @@ __all__ = [
     "LLAMA_3_1_70B",
     "LLAMA_3_1_405B",
     "LLAMA_3_8B",
+    "FakeCall",
+    "FakeCuda",
     "SimulatedGPU",
     "TensorShape",
     "dtype_code",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import mmap
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,36 @@ class _FutureFence:
 
     def wait(self) -> None:
         self.future.result()
+
+
+class _Copier:
+    """Delayed copies, run in order on one background thread (started on first use)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._last: Future[None] | None = None
+
+    def submit(self, work: list[tuple[torch.Tensor, torch.Tensor]], delay: float) -> Fence:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self._name}-copy")
+            future = self._last = self._pool.submit(self._run, work, delay)
+        return _FutureFence(future)
+
+    def synchronize(self) -> None:
+        with self._lock:
+            last = self._last
+        if last is not None:
+            last.result()
+
+    @staticmethod
+    def _run(work: list[tuple[torch.Tensor, torch.Tensor]], delay: float) -> None:
+        time.sleep(delay)
+        for dst, src in work:
+            dst.copy_(src)
+        work.clear()
 
 
 class _Credits:
@@ -84,6 +116,10 @@ class SimulatedGPU:
     the copy primitive: ``copy_from_host`` is a host ``copy_``. With ``copy_delay`` (seconds)
     copies run later, in order, on a background thread and the fence is done only then, so a
     staging slot refilled before its fence would corrupt the result as it would on CUDA.
+    Conversions (``convert``) run after them on the same thread, so a unit handed out before
+    its conversion fence is done holds wrong bytes, as on CUDA. ``context_bytes`` is what its
+    context costs, charged like another tenant's memory at the first allocation or at
+    ``prepare()``, whichever comes first, as a real GPU's primary context is.
     ``staged=False`` makes the engine read straight into its memory, like the CPU.
 
     Hooks for failure tests: ``on_allocate(nbytes)`` runs before each allocation (outside the
@@ -103,6 +139,7 @@ class SimulatedGPU:
         staged: bool = True,
         copy_delay: float = 0.0,
         on_allocate: Callable[[int], None] | None = None,
+        context_bytes: int = 0,
     ) -> None:
         if total_bytes < 0:
             raise ValueError(f"total_bytes must be >= 0, got {total_bytes}")
@@ -110,6 +147,8 @@ class SimulatedGPU:
             raise ValueError(f"free_bytes must be in [0, total_bytes], got {free_bytes}")
         if copy_delay < 0:
             raise ValueError(f"copy_delay must be >= 0, got {copy_delay}")
+        if context_bytes < 0:
+            raise ValueError(f"context_bytes must be >= 0, got {context_bytes}")
         self._name = name
         self._total = total_bytes
         self._staged = staged
@@ -123,8 +162,9 @@ class SimulatedGPU:
         self._attempts = 0
         self._allocations = 0
         self._fail_at: set[int] = set()
-        self._copier: ThreadPoolExecutor | None = None
-        self._last_copy: Future[None] | None = None
+        self.context_bytes = context_bytes
+        self._context = False
+        self._copier = _Copier(name)
 
     # -- Device protocol ---------------------------------------------------------------------
 
@@ -143,22 +183,33 @@ class SimulatedGPU:
     def total_bytes(self) -> int:
         return self._total
 
+    def prepare(self) -> None:
+        """Create the context now (charges ``context_bytes`` the first time)."""
+        with self._lock:
+            self._create_context()
+
+    def take_notices(self) -> list[str]:
+        return []
+
+    def mark_allocated(self) -> None:
+        return None
+
+    def current(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def release_cache(self) -> None:
+        return None  # freed tensors are credited at once: nothing is cached
+
     def live_free_bytes(self) -> int:
         """``total - allocated - stolen``: what another allocation could take now."""
         with self._lock:
             self._settle()
             return self._free()
 
-    @property
-    def host_memory(self) -> bool:
-        """Its memory is host memory: the engine passes ``huge_pages`` to ``empty`` under the
-        same rule as for CPU tensors (``LoadParams.huge_pages``)."""
-        return True
-
-    @property
-    def ledger_key(self) -> str:
-        """By object identity: two ``SimulatedGPU("sim:0")`` objects are two devices."""
-        return f"{self._name}@{id(self):x}"
+    # Host memory: the engine passes ``huge_pages`` to ``empty`` as for CPU tensors.
+    host_memory = property(lambda self: True, doc="Its memory is host memory.")
+    # By object identity: two ``SimulatedGPU("sim:0")`` objects are two devices.
+    ledger_key = property(lambda self: f"{self._name}@{id(self):x}", doc="Its ledger key.")
 
     def empty(
         self, shape: tuple[int, ...], dtype: torch.dtype, *, huge_pages: bool = False
@@ -179,6 +230,7 @@ class SimulatedGPU:
             raise self._oom(nbytes, "injected by fail_allocations()")
         charged = 0
         with self._lock:
+            self._create_context()
             self._settle()
             fits = nbytes <= self._free()
             if fits:
@@ -202,26 +254,23 @@ class SimulatedGPU:
 
     def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
         """``dst.copy_(src)``, now, or after ``copy_delay`` seconds on the copy thread."""
+        return self.convert([(dst, src)])
+
+    def convert(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Fence:
+        """Each ``dst.copy_(src)``, now, or after ``copy_delay`` on the copy thread (after the
+        copies started before)."""
         if self.copy_delay == 0:
-            dst.copy_(src)
+            for dst, src in pairs:
+                dst.copy_(src)
             return DONE
-        with self._lock:
-            if self._copier is None:
-                self._copier = ThreadPoolExecutor(1, thread_name_prefix=f"{self._name}-copy")
-            future = self._copier.submit(self._delayed_copy, dst, src, self.copy_delay)
-            self._last_copy = future
-        return _FutureFence(future)
+        return self._copier.submit(list(pairs), self.copy_delay)
 
     def receive(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
-        """``dst.copy_(src)`` now (another device's tensors are host memory or complete)."""
-        dst.copy_(src)
+        dst.copy_(src)  # now: another device's placed tensors are complete
         return DONE
 
     def synchronize(self) -> None:
-        with self._lock:
-            last = self._last_copy
-        if last is not None:
-            last.result()
+        self._copier.synchronize()
 
     # -- simulation --------------------------------------------------------------------------
 
@@ -306,6 +355,12 @@ class SimulatedGPU:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _create_context(self) -> None:
+        """Charge the context the first time (call with the lock held)."""
+        if not self._context:
+            self._context = True
+            self._stolen += min(self.context_bytes, self._free())
+
     def _settle(self) -> None:
         """Apply pending credits (call with the lock held)."""
         self._allocated -= self._credits.drain()
@@ -343,8 +398,3 @@ class SimulatedGPU:
         weakref.finalize(block, self._credits.credit, nbytes).atexit = False
         flat = torch.frombuffer(block, dtype=torch.uint8, count=nbytes, offset=offset)
         return flat.view(dtype).view(shape)
-
-    @staticmethod
-    def _delayed_copy(dst: torch.Tensor, src: torch.Tensor, delay: float) -> None:
-        time.sleep(delay)
-        dst.copy_(src)
