@@ -123,8 +123,8 @@ class ModelService:
             with structlog.contextvars.bound_contextvars(model=self.path.name):
                 model = await load_model(self.path, params, on_event=self._on_event)
         except anyio.get_cancelled_exc_class():
+            # streamload has logged ``load_cancelled`` with what it placed and released.
             self.progress.state = "cancelled"
-            log.warning("load_cancelled", layers_placed=self.progress.layers_placed)
             raise
         except Exception as exc:  # a StreamloadError, or the model class rejecting the weights
             self.progress.state, self.progress.error = "failed", str(exc)

@@ -538,7 +538,7 @@ def test_load_json_logs(
     assert 0 == code
     lines = [json.loads(line) for line in err.splitlines()]
     names = [line["event"] for line in lines]
-    assert "plan_computed" == names[0]
+    assert ["load_started", "plan_computed"] == names[:2]
     assert "load_finished" == names[-1]
     assert 3 + LAYERS == names.count("layer_placed")
     placed = [line for line in lines if line["event"] == "layer_placed"]

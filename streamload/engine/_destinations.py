@@ -32,7 +32,7 @@ import torch
 from streamload import _hostmem
 from streamload.checkpoint import TensorEntry
 from streamload.devices import Device
-from streamload.engine._flight import InFlight
+from streamload.engine._flight import Completion, InFlight
 from streamload.engine._reader import Files
 from streamload.engine._units import (
     Destination,
@@ -121,7 +121,7 @@ class Destinations:
         self.transient.add(device.name, raw_bytes)
         chunks = cut_chunks(got.items, read_chunk_bytes(self._params.chunk_bytes, device.staged))
         got.items.clear()
-        return InFlight(
+        flight = InFlight(
             unit,
             device,
             got.final,
@@ -132,14 +132,20 @@ class Destinations:
             free_before,
             got.huge_bytes,
         )
+        flight.allocated = time.perf_counter()
+        return flight
 
-    def complete(self, flight: InFlight) -> None:
-        """Wait for the unit's copies, then convert raw buffers into the final tensors."""
+    def complete(self, flight: InFlight) -> Completion:
+        """Wait for the unit's copies, then convert raw buffers into the final tensors; returns
+        when each step ended."""
+        started = time.perf_counter()
         for fence in flight.fences:
             fence.wait()
+        copied = time.perf_counter()
         for name in list(flight.raw):
             flight.final[name].copy_(flight.raw.pop(name))
         self.transient.add(flight.device.name, -flight.raw_bytes)
+        return Completion(started, copied, time.perf_counter())
 
     def _converts(self, entry: TensorEntry) -> bool:
         return converts(self._spec, self._target, entry)

@@ -11,9 +11,10 @@ the unit two before it has been read (``_room_for``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -26,20 +27,25 @@ from streamload.devices import Device, resolve_devices
 from streamload.engine import _boundary
 from streamload.engine._budget import Budget
 from streamload.engine._destinations import Destinations, Layout, layout
-from streamload.engine._flight import InFlight
+from streamload.engine._flight import Completion, InFlight, covered
 from streamload.engine._loaded import LoadedModel
 from streamload.engine._reader import PageCache, Reader, start_workers
 from streamload.engine._units import Unit, units
 from streamload.events import (
     DeviceReport,
     Event,
-    EventCallback,
     LayerPlaced,
+    LoadCancelled,
     LoadFailed,
     LoadFinished,
     LoadReport,
+    LoadStarted,
+    Observers,
+    PagedAttentionDisabled,
     PlanComputed,
+    Replanned,
     emit,
+    observers,
 )
 from streamload.model import ModelSpec, inspect
 from streamload.params import LoadParams
@@ -48,14 +54,24 @@ from streamload.planner import conversion_scratch
 __all__ = ["load"]
 
 
+def _stamped(event: Event, path: str) -> Event:
+    """``event`` with the load's ``path`` where the stage that made it left it out."""
+    if isinstance(event, Replanned) and not event.path:
+        return dataclasses.replace(event, path=path)
+    if isinstance(event, PagedAttentionDisabled) and not event.path:
+        return dataclasses.replace(event, path=path)
+    return event
+
+
 @dataclass(slots=True)
 class _DeviceStats:
-    """What one device received so far (for the report)."""
+    """What one device received so far (for the report); ``spans``: each unit's allocation
+    to completion, so the report's seconds count overlapping units once."""
 
     nbytes: int = 0
     tensors: int = 0
     layers: int = 0
-    seconds: float = 0.0
+    spans: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -69,6 +85,18 @@ class _Parts:
     destinations: Destinations
     page_cache: PageCache
     scratch: int
+    header_seconds: float
+    total_bytes: int  # every unit's bytes in the target dtype
+
+
+def _files(unit: Unit, root: Path) -> tuple[str, ...]:
+    """The shard files ``unit`` is read from, relative to the checkpoint's root."""
+    paths = sorted({entry.path for entry in unit.entries})
+    return tuple(str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths)
+
+
+def _released(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class _Load:
@@ -76,16 +104,18 @@ class _Load:
         self,
         path: Path,
         params: LoadParams,
-        on_event: EventCallback | None,
+        on_event: Observers,
         spec: ModelSpec | None,
     ) -> None:
         self.path = path
         self.params = params
-        self.on_event = on_event
+        self.on_event = observers(on_event)
         self.given_spec = spec
         self.tensors: dict[str, torch.Tensor] = {}
         self.inflight: deque[InFlight] = deque()  # allocated, not yet placed, in plan order
         self.placed = 0  # units whose LayerPlaced was delivered
+        self.placed_units = 0  # units whose tensors are placed (their event made)
+        self.placed_bytes = 0  # their bytes, target dtype
         self.progress = anyio.Event()  # replaced each time a unit is read or placed
         self.device_stats: dict[str, _DeviceStats] = {}
         self.huge_bytes = 0
@@ -99,21 +129,36 @@ class _Load:
 
     async def _emit(self, *events: Event) -> None:
         # Placements are reported by a task of their own while the stream allocates (and may
-        # re-plan): one event at a time, so a callback never runs alongside itself.
+        # re-plan): one event at a time, so a callback never runs alongside itself. Events the
+        # stages made without the load's path get it here (every load event carries it).
         async with self.emit_lock:
             for event in events:
-                await emit(event, self.on_event)
+                await emit(_stamped(event, str(self.path)), self.on_event)
 
     async def run(self) -> LoadedModel:
         started = time.perf_counter()
         try:
             return await self._run(started)
         except BaseException as exc:
-            self._release()
+            inflight = len(self.inflight)
+            released, released_bytes = self._release()
             _boundary.scrub(exc)
             error = _boundary.single(exc)
+            outcome: Event
+            if isinstance(error, Exception):
+                outcome = LoadFailed(error, path=str(self.path))
+            else:  # cancelled (or interrupted): not a failure of the load
+                outcome = LoadCancelled(
+                    path=str(self.path),
+                    placed_units=self.placed_units,
+                    placed_bytes=self.placed_bytes,
+                    inflight_units=inflight,
+                    released_tensors=released,
+                    released_bytes=released_bytes,
+                    seconds=time.perf_counter() - started,
+                )
             with anyio.CancelScope(shield=True):
-                await self._emit(LoadFailed(error))
+                await self._emit(outcome)
             raised = _boundary.failure(error)
             if raised is not error:
                 raise raised from error
@@ -128,12 +173,14 @@ class _Load:
 
     async def _setup(self) -> _Parts:
         params = self.params
+        reading = time.perf_counter()
         if self.given_spec is not None:
             spec = self.given_spec
         else:
             spec = await anyio.to_thread.run_sync(
                 lambda: inspect(self.path, target_dtype=params.target_code)
             )
+        header_seconds = time.perf_counter() - reading if self.given_spec is None else 0.0
         devices = await anyio.to_thread.run_sync(resolve_devices, params.devices)
         unit_list = units(spec)
         scratch = conversion_scratch(spec)
@@ -141,13 +188,32 @@ class _Load:
         destinations = Destinations(spec, params, reader.files)
         budget = Budget(spec, devices, params, scratch=scratch, transient=destinations.transient)
         return _Parts(
-            spec, unit_list, budget, reader, destinations, PageCache(reader.files), scratch
+            spec,
+            unit_list,
+            budget,
+            reader,
+            destinations,
+            PageCache(reader.files),
+            scratch,
+            header_seconds,
+            sum(unit.nbytes for unit in unit_list),
         )
 
     async def _run(self, started: float) -> LoadedModel:
         await start_workers(self.params.reader_threads + 2)
         self.parts = await self._setup()
         p = self.p
+        shards = p.spec.checkpoint.shards
+        await self._emit(
+            LoadStarted(
+                path=str(self.path),
+                files=len(shards),
+                header_bytes=sum(shard.data_offset for shard in shards),
+                tensors=len(p.spec.checkpoint.tensors),
+                stored_bytes=sum(unit.stored_bytes for unit in p.units),
+                seconds=p.header_seconds,
+            )
+        )
         plan_seconds, fallbacks = await p.budget.first_plan()
         await self._emit(PlanComputed(p.budget.current, str(self.path), plan_seconds), *fallbacks)
         async with anyio.create_task_group() as group:
@@ -277,45 +343,69 @@ class _Load:
             error, flight.error = flight.error, None
             flight.drop()
             raise _boundary.translate(error, unit, device.name) from error
-        completing = time.perf_counter()
-        completed, free_after = await anyio.to_thread.run_sync(self._complete, flight)
-        # Allocation to the last read, plus waiting for the copies and converting; not the time
-        # the finished unit waited for its turn to be reported.
-        seconds = flight.filled - flight.started + completed - completing
+        done, free_after = await anyio.to_thread.run_sync(self._complete, flight)
         stats = self.device_stats.setdefault(device.name, _DeviceStats())
         stats.nbytes += unit.nbytes
         stats.tensors += len(flight.final)
         stats.layers += 1 if unit.layer is not None else 0
-        stats.seconds += seconds
+        stats.spans.append((flight.started, done.converted))
         self.huge_bytes += flight.huge_bytes
         self.tensors.update(flight.final)
         tensors = len(flight.final)
+        placed = self._placement(flight, done, free_after, tensors)
         flight.drop()
         self.inflight.popleft()
-        await self._emit(
-            LayerPlaced(
-                layer=unit.layer,
-                device=device.name,
-                nbytes=unit.nbytes,
-                seconds=seconds,
-                free_before=flight.free_before,
-                free_after=free_after,
-                part=unit.part,
-                stored_bytes=unit.stored_bytes,
-                tensors=tensors,
-            )
+        await self._emit(placed)
+
+    def _placement(
+        self, flight: InFlight, done: Completion, free_after: int, tensors: int
+    ) -> LayerPlaced:
+        """The ``LayerPlaced`` for ``flight``, its seconds split by the stages' own times."""
+        unit = flight.unit
+        # Allocation to the last read, plus waiting for the copies and converting; not the time
+        # the finished unit waited for its turn to be reported.
+        seconds = flight.filled - flight.started + done.converted - done.start
+        reads = [(t.read_start, t.read_end) for t in flight.times]
+        copies = [(t.read_end, t.copy_end) for t in flight.times if t.copy_end > t.read_end]
+        copies.append((done.start, done.copied))
+        allocating = (flight.started, flight.allocated)
+        converting = (done.copied, done.converted)
+        busy = covered([allocating, *reads, *copies, converting])
+        self.placed_units += 1
+        self.placed_bytes += unit.nbytes
+        return LayerPlaced(
+            layer=unit.layer,
+            device=flight.device.name,
+            nbytes=unit.nbytes,
+            seconds=seconds,
+            free_before=flight.free_before,
+            free_after=free_after,
+            part=unit.part,
+            stored_bytes=unit.stored_bytes,
+            tensors=tensors,
+            path=str(self.path),
+            files=_files(unit, self.p.spec.checkpoint.root),
+            allocate_seconds=flight.allocated - flight.started,
+            read_seconds=covered(reads),
+            copy_seconds=covered(copies),
+            convert_seconds=done.converted - done.copied,
+            wait_seconds=max(0.0, seconds - busy),
+            loaded_units=self.placed_units,
+            total_units=len(self.p.units),
+            loaded_bytes=self.placed_bytes,
+            total_bytes=self.p.total_bytes,
         )
 
-    def _complete(self, flight: InFlight) -> tuple[float, int]:
-        """Complete the unit (copies waited, conversions done); returns when that was done
-        (``perf_counter``) and the device's live free memory after it (one thread hop)."""
-        self.p.destinations.complete(flight)
-        return time.perf_counter(), self.p.budget.live_free(flight.device)
+    def _complete(self, flight: InFlight) -> tuple[Completion, int]:
+        """Complete the unit (copies waited, conversions done); returns when each step ended
+        and the device's live free memory after it (one thread hop)."""
+        done = self.p.destinations.complete(flight)
+        return done, self.p.budget.live_free(flight.device)
 
     def _report(self, seconds: float, plan_seconds: float) -> LoadReport:
         p = self.p
         devices = tuple(
-            DeviceReport(name, s.nbytes, s.tensors, s.layers, s.seconds)
+            DeviceReport(name, s.nbytes, s.tensors, s.layers, covered(s.spans))
             for name, s in self.device_stats.items()
         )
         return LoadReport(
@@ -326,34 +416,46 @@ class _Load:
             seconds=seconds,
             plan_seconds=plan_seconds,
             devices=devices,
-            replans=tuple(p.budget.replans),
-            fallbacks=tuple(p.budget.fallbacks),
+            replans=tuple(dataclasses.replace(r, path=str(self.path)) for r in p.budget.replans),
+            fallbacks=tuple(
+                dataclasses.replace(f, path=str(self.path)) for f in p.budget.fallbacks
+            ),
             staging_bytes=p.reader.staging_bytes,
             huge_page_bytes=self.huge_bytes,
         )
 
-    def _release(self) -> None:
-        """Drop every tensor this load placed or allocated (containers cleared in place)."""
+    def _release(self) -> tuple[int, int]:
+        """Drop every tensor this load placed or allocated (containers cleared in place);
+        returns how many tensors that was and their bytes."""
+        dropped = list(self.tensors.values())
+        for flight in self.inflight:
+            dropped.extend(flight.final.values())
+            dropped.extend(flight.raw.values())
+        count, nbytes = len(dropped), _released(dropped)
+        dropped.clear()
         self.tensors.clear()
         while self.inflight:
             self.inflight.popleft().drop()
+        return count, nbytes
 
 
 async def load(
     path: str | Path,
     params: LoadParams | None = None,
     *,
-    on_event: EventCallback | None = None,
+    on_event: Observers = None,
     spec: ModelSpec | None = None,
 ) -> LoadedModel:
     """Load the checkpoint at ``path`` onto the devices ``params`` names.
 
     Runs under asyncio or trio (anyio). Events go to ``on_event`` (a plain or coroutine
-    function, called in order on the event loop) and to the ``streamload`` structlog logger.
+    function, or a sequence of them such as ``streamload.metrics.PrometheusObserver``, each
+    called in order on the event loop) and to the log (``streamload.events``).
 
     Cancellation (a cancel scope, a cancelled task, a server shutting down): every tensor the
     load placed is released, reader threads finish, every file descriptor is closed, a
-    ``LoadFailed`` event is emitted, and the cancellation propagates. Any other failure does the
+    ``LoadCancelled`` event says what was placed and released, and the cancellation
+    propagates. Any other failure does the
     same and raises a ``StreamloadError`` naming the file, tensor, layer or device involved.
 
     ``spec``: stream exactly this model spec (a subset of the checkpoint's layers and parts,
