@@ -24,7 +24,8 @@ mapping), ``_cuda`` (``CudaDevice``), ``_discovery`` (``resolve_devices``, ``cap
 Process-wide state (the NVML wrapper, the cgroup directories) lives in ``streamload._state``.
 """
 
-from streamload.devices._cuda import CudaDevice, CudaFence
+from typing import TYPE_CHECKING, Any
+
 from streamload.devices._discovery import capacities, resolve_devices
 from streamload.devices._host import CpuDevice, host_available_bytes, host_total_bytes
 from streamload.devices._nvml import (
@@ -38,6 +39,9 @@ from streamload.devices._nvml import (
     resolve_nvml_handle,
 )
 from streamload.devices._protocol import DONE, Device, DeviceSpec, DoneFence, Fence
+
+if TYPE_CHECKING:
+    from streamload.devices._cuda import CudaDevice, CudaFence
 
 __all__ = [
     "DONE",
@@ -61,3 +65,13 @@ __all__ = [
     "resolve_devices",
     "resolve_nvml_handle",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The CUDA device imports torch; it is imported when first named, so that planning over
+    # the CPU and simulated GPUs (``streamload plan``) never imports torch.
+    if name in ("CudaDevice", "CudaFence"):
+        from streamload.devices import _cuda
+
+        return getattr(_cuda, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

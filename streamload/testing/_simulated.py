@@ -11,12 +11,14 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from streamload import _hostmem
 from streamload.devices import DONE, Fence
 from streamload.errors import format_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SimulatedGPU"]
 
@@ -198,6 +200,8 @@ class SimulatedGPU:
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A plain host ``uint8`` buffer (not charged to this device)."""
+        import torch
+
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
@@ -310,6 +314,8 @@ class SimulatedGPU:
 
     def _oom(self, nbytes: int, why: str) -> torch.OutOfMemoryError:
         """The error a real allocator would raise (call without the lock held)."""
+        import torch
+
         with self._lock:
             self._settle()
             free, allocated, stolen = self._free(), self._allocated, self._stolen
@@ -328,6 +334,8 @@ class SimulatedGPU:
         exactly as long as the tensor storage (every view, Parameter or dtype view of it), and
         ``weakref.finalize`` credits the ledger when it dies.
         """
+        import torch
+
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         offset = 0
