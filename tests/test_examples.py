@@ -27,6 +27,7 @@ import pytest
 import structlog
 import torch
 import transformers
+from prometheus_client.parser import text_string_to_metric_families
 
 import streamload
 from examples import json_logs, mixed_gpu_cpu
@@ -189,6 +190,48 @@ def test_server_answers_while_loading_then_generates_like_from_pretrained(
         assert 0 == srv.stop()
         ledgers = [line for line in srv.log_lines() if line["event"] == "device_ledgers"]
         assert [{"sim:0": 0, "sim:1": 0}] == [line["allocated_bytes"] for line in ledgers]
+
+
+def scrape(srv: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``GET /metrics`` over HTTP, parsed by prometheus_client's own parser."""
+    reply = srv.http.get("/metrics")
+    assert 200 == reply.status_code
+    assert reply.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
+
+
+@no_cuda
+@pytest.mark.timeout(30)
+def test_server_metrics_during_and_after_the_load(checkpoint: Path, tmp_path: Path) -> None:
+    """``/metrics`` (scraped over HTTP on 127.0.0.1): mid-load the load is in progress with
+    some bytes placed; once ready, nothing is in progress, the load counts as finished and
+    the bytes per device add up to the model."""
+    total = streamload.inspect(checkpoint).total_bytes
+    env = {"STREAMLOAD_MODEL": str(checkpoint), "STREAMLOAD_DEVICES": devices_arg(checkpoint)}
+    with server(["--slow-events", "0.3"], tmp_path / "server.log", env) as srv:
+        srv.wait_for("a layer placed", lambda: mid_load(srv.load()))
+        during = scrape(srv)
+        assert 1 == during[("streamload_load_in_progress", ())]
+        placed = sum(v for (n, _), v in during.items() if n == "streamload_load_bytes_total")
+        assert 0 < placed < total
+        assert 0 < during[("streamload_load_progress_ratio", ())] < 1
+
+        srv.wait_for("/ready 200", lambda: srv.http.get("/ready").status_code == 200)
+        after = scrape(srv)
+        assert 0 == after[("streamload_load_in_progress", ())]
+        assert 1 == after[("streamload_loads_total", (("outcome", "finished"),))]
+        placed = sum(v for (n, _), v in after.items() if n == "streamload_load_bytes_total")
+        assert total == placed
+        assert {"sim:0", "sim:1", "cpu"} == {
+            dict(labels)["device"]
+            for name, labels in after
+            if name == "streamload_device_free_bytes"
+        }
+        assert 0 == srv.stop()
 
 
 @no_cuda

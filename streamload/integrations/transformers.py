@@ -20,7 +20,7 @@ import torch
 
 from streamload.engine import LoadedModel, load
 from streamload.errors import ConfigError, LoadError
-from streamload.events import EventCallback
+from streamload.events import Observers
 from streamload.params import LoadParams
 
 __all__ = ["build_model", "load_model"]
@@ -129,7 +129,7 @@ async def load_model(
     path: str | Path,
     params: LoadParams | None = None,
     *,
-    on_event: EventCallback | None = None,
+    on_event: Observers = None,
     model_class: Any | None = None,
 ) -> Any:
     """Stream ``path`` with ``streamload.load`` and return a ready ``transformers`` model.
