@@ -34,4 +34,4 @@ def plan(path: str | Path, params: LoadParams | None = None) -> Plan:
     params = params or LoadParams()
     spec = model.inspect(path, target_dtype=params.target_code)
     devices = resolve_devices(params.devices)
-    return planner.plan(spec, capacities(devices), params)
+    return planner.plan(spec, capacities(devices, caps=params.memory_caps), params)

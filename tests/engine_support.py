@@ -113,6 +113,21 @@ def reference(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_identical(
+    loaded: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtype: torch.dtype | None
+) -> None:
+    """``loaded`` holds exactly ``ref``'s tensors, bit for bit (floats in ``dtype`` if given,
+    converted as torch converts them)."""
+    assert sorted(ref) == sorted(loaded)
+    for name, want in ref.items():
+        got = loaded[name]
+        if dtype is not None and want.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            want = want.to(dtype)
+        assert (want.dtype, want.shape) == (got.dtype, got.shape), name
+        expected = want.reshape(-1).view(torch.uint8)
+        assert torch.equal(expected, got.reshape(-1).view(torch.uint8)), name
+
+
 def params(devices: list[Any], **overrides: Any) -> streamload.LoadParams:
     """Load parameters for tiny models: short sequences, no reserves, small chunks (so the
     staging ring wraps many times), a small staging budget."""

@@ -30,6 +30,7 @@ from streamload.events import (
 from streamload.testing import SimulatedGPU
 from tests.conftest import BlockingIOGuard
 from tests.engine_support import (
+    assert_identical,
     llama_config,
     llama_tensors,
     open_fds_under,
@@ -52,25 +53,6 @@ def anyio_backend() -> str:
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
     return write_checkpoint(tmp_path / "ckpt", llama_tensors(LAYERS), llama_config(LAYERS))
-
-
-def assert_identical(
-    loaded: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtype: torch.dtype | None
-) -> None:
-    assert sorted(ref) == sorted(loaded)
-    for name, want in ref.items():
-        got = loaded[name]
-        if dtype is not None and want.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            want = want.to(dtype)
-        assert (want.dtype, want.shape) == (got.dtype, got.shape), name
-        assert (
-            torch.equal(want.view(torch.uint8), got.view(torch.uint8))
-            if want.dim()
-            else (
-                want.reshape(1).view(torch.uint8).tolist()
-                == got.reshape(1).view(torch.uint8).tolist()
-            )
-        ), name
 
 
 def three_way(ckpt: Path) -> list[Any]:
@@ -584,9 +566,9 @@ async def test_units_bound_for_host_memory_are_read_ahead_of_a_slow_callback(
     allocated: list[int | None] = []
     allocate = _load._Load._allocate_sync
 
-    def recording(self: Any, unit: Any, device: Any, live: int) -> Any:
+    def recording(self: Any, unit: Any, device: Any, live: int, parts_left: int) -> Any:
         allocated.append(unit.layer)
-        return allocate(self, unit, device, live)
+        return allocate(self, unit, device, live, parts_left)
 
     monkeypatch.setattr(_load._Load, "_allocate_sync", recording)
     seen: list[list[int | None]] = []

@@ -49,6 +49,7 @@ from streamload.events import Event, LayerPlaced, LoadFinished, PlanComputed
 from streamload.planner import Plan
 from streamload.testing import SimulatedGPU
 from tests.engine_support import (
+    assert_identical,
     llama_config,
     llama_tensors,
     params,
@@ -360,19 +361,6 @@ def _record_io(
 # -- the test -----------------------------------------------------------------------------------
 
 
-def _assert_identical(
-    loaded: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtype: torch.dtype | None
-) -> None:
-    assert sorted(ref) == sorted(loaded)
-    for name, want in ref.items():
-        got = loaded[name]
-        if dtype is not None and want.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            want = want.to(dtype)
-        assert (want.dtype, want.shape) == (got.dtype, got.shape), name
-        expected = want.reshape(-1).view(torch.uint8)
-        assert torch.equal(expected, got.reshape(-1).view(torch.uint8)), name
-
-
 def _check_reads(kind: str, preadv: list[tuple[Any, ...]], chunk_bytes: int) -> None:
     """The rules the recorded reads follow. ``direct`` (into CPU tensors): a chunk of at most
     ``chunk_bytes``, each buffer at its file bytes' position modulo 64. ``staged``: one buffer
@@ -447,7 +435,7 @@ async def test_golden(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     converts = scenario.dtype is not None
     load_params = params(devices, dtype=scenario.dtype, **scenario.overrides)
     async with await streamload.load(ckpt, load_params, on_event=on_event) as model:
-        _assert_identical(model.tensors, reference(ckpt), scenario.dtype)
+        assert_identical(model.tensors, reference(ckpt), scenario.dtype)
         held = {gpu.name: gpu.allocated_bytes for gpu in gpus}
     monkeypatch.undo()
     if scenario.reads is not None:

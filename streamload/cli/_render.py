@@ -326,6 +326,8 @@ def plan_table(plan: streamload.Plan, title: str = "plan") -> tuple[Table, list[
     for row in plan.devices:
         tags = [PRIMARY_MARK] if row.holds_non_mapped else []
         said = [f"{format_bytes(row.mmap_bytes)} memory-mapped"] if row.mmap_bytes else []
+        if row.scratch_bytes:
+            said.append(f"{format_bytes(row.scratch_bytes)} conversion scratch")
         if row.note:
             said.append(row.note)
         for text in said:

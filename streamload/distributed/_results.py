@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, TypeAlias
 
 import torch
 
-from streamload.distributed._stages import DistributedPlan, Stage
-from streamload.engine import LoadedModel
+from streamload.distributed._stages import DistributedPlan, Stage, placement_fields
+from streamload.engine._loaded import LoadedModel, Releasable
 from streamload.events import DeviceReport, Event, Replanned
 
 __all__ = ["DistributedEventCallback", "DistributedModel", "RankSummary", "StageAssigned"]
@@ -62,12 +61,7 @@ class RankSummary:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {
-            "rank": self.rank,
-            "host": self.host,
-            "start": self.start,
-            "stop": self.stop,
-            "parts": list(self.parts),
-            "tied_sources": list(self.tied_sources),
+            **placement_fields(self),
             "layer_devices": list(self.layer_devices),
             "devices": [
                 {"device": d.device, "nbytes": d.nbytes, "layers": d.layers, "seconds": d.seconds}
@@ -85,7 +79,7 @@ class RankSummary:
         }
 
 
-class DistributedModel:
+class DistributedModel(Releasable):
     """This rank's part of a distributed load.
 
     ``tensors`` (checkpoint names, each on its device), ``device_map`` (Hugging Face form, this
@@ -122,17 +116,6 @@ class DistributedModel:
     def release(self) -> None:
         """Drop every tensor reference the library holds (idempotent)."""
         self.local.release()
-
-    async def __aenter__(self) -> DistributedModel:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         return (

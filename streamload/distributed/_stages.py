@@ -9,7 +9,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any
+from typing import Any, Protocol
 
 from streamload import planner
 from streamload.checkpoint import DTYPE_SIZES
@@ -72,15 +72,39 @@ class Stage:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {
-            "rank": self.rank,
-            "host": self.host,
-            "start": self.start,
-            "stop": self.stop,
-            "parts": list(self.parts),
-            "tied_sources": list(self.tied_sources),
+            **placement_fields(self),
             "plan": self.plan.to_dict(),
             "cpu_memory_bytes": self.cpu_memory_bytes,
         }
+
+
+class _Placed(Protocol):
+    """What a stage and a rank's summary both say about where a rank's share of a model is."""
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def stop(self) -> int: ...
+    @property
+    def parts(self) -> tuple[str, ...]: ...
+    @property
+    def tied_sources(self) -> tuple[str, ...]: ...
+
+
+def placement_fields(item: _Placed) -> dict[str, Any]:
+    """The JSON-ready fields saying which rank holds which layers and parts."""
+    return {
+        "rank": item.rank,
+        "host": item.host,
+        "start": item.start,
+        "stop": item.stop,
+        "parts": list(item.parts),
+        "tied_sources": list(item.tied_sources),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,14 +338,10 @@ def _forecast(
     tied: tuple[str, ...],
     share: int | None,
 ) -> Stage:
-    """The stage with its local plan, planned as the engine will (conversion scratch kept
-    free on GPUs); ``RankFailedError`` if it does not fit the rank."""
+    """The stage with its local plan, planned as the engine will; ``RankFailedError`` if it
+    does not fit the rank."""
     sub = _sub_spec(spec, start, stop, parts, tied)
-    scratch = planner.conversion_scratch(sub)
-    caps = [
-        dataclasses.replace(cap, free_bytes=max(cap.free_bytes - scratch, 0)) if cap.is_gpu else cap
-        for cap in rank.devices
-    ]
+    caps = list(rank.devices)
     local = params if share is None else dataclasses.replace(params, cpu_memory_bytes=share)
     try:
         plan = planner.plan(sub, caps, local)

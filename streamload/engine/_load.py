@@ -99,6 +99,83 @@ def _released(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@dataclass(frozen=True, slots=True)
+class _Totals:
+    """The running totals a ``LayerPlaced`` carries, its own unit included."""
+
+    loaded_units: int
+    total_units: int
+    loaded_bytes: int
+    total_bytes: int
+
+
+def _load_started(path: str, parts: _Parts) -> LoadStarted:
+    shards = parts.spec.checkpoint.shards
+    return LoadStarted(
+        path=path,
+        files=len(shards),
+        header_bytes=sum(shard.data_offset for shard in shards),
+        tensors=len(parts.spec.checkpoint.tensors),
+        stored_bytes=sum(unit.stored_bytes for unit in parts.units),
+        seconds=parts.header_seconds,
+    )
+
+
+def _layer_placed(
+    flight: InFlight, done: Completion, free_after: int, path: str, root: Path, totals: _Totals
+) -> LayerPlaced:
+    """The ``LayerPlaced`` for ``flight``, its seconds split by the times the stages passed
+    back (the reader's per chunk, the completion's)."""
+    unit = flight.unit
+    # Allocation to the last read, plus waiting for the copies and converting; not the time
+    # the finished unit waited for its turn to be reported.
+    seconds = flight.filled - flight.started + done.converted - done.start
+    reads = [(t.read_start, t.read_end) for t in flight.times]
+    copies = [(t.read_end, t.copy_end) for t in flight.times if t.copy_end > t.read_end]
+    copies.append((done.start, done.copied))
+    allocating = (flight.started, flight.allocated)
+    converting = (done.copied, done.converted)
+    busy = covered([allocating, *reads, *copies, converting])
+    return LayerPlaced(
+        layer=unit.layer,
+        device=flight.device.name,
+        nbytes=unit.nbytes,
+        seconds=seconds,
+        free_before=flight.free_before,
+        free_after=free_after,
+        part=unit.part,
+        stored_bytes=unit.stored_bytes,
+        tensors=len(flight.final),
+        path=path,
+        files=_files(unit, root),
+        allocate_seconds=flight.allocated - flight.started,
+        read_seconds=covered(reads),
+        copy_seconds=covered(copies),
+        convert_seconds=done.converted - done.copied,
+        wait_seconds=max(0.0, seconds - busy),
+        loaded_units=totals.loaded_units,
+        total_units=totals.total_units,
+        loaded_bytes=totals.loaded_bytes,
+        total_bytes=totals.total_bytes,
+    )
+
+
+def _cancelled(
+    path: str, placed: tuple[int, int, int], released: tuple[int, int], started: float
+) -> LoadCancelled:
+    """What a cancelled load reports: ``placed`` (units, bytes, units in flight) and
+    ``released`` (tensors, bytes)."""
+    return LoadCancelled(
+        path=path,
+        placed_units=placed[0],
+        placed_bytes=placed[1],
+        inflight_units=placed[2],
+        released_tensors=released[0],
+        released_bytes=released[1],
+        seconds=time.perf_counter() - started,
+    )
+
+
 class _Load:
     def __init__(
         self,
@@ -141,22 +218,13 @@ class _Load:
             return await self._run(started)
         except BaseException as exc:
             inflight = len(self.inflight)
-            released, released_bytes = self._release()
+            released = self._release()
             _boundary.scrub(exc)
             error = _boundary.single(exc)
-            outcome: Event
-            if isinstance(error, Exception):
-                outcome = LoadFailed(error, path=str(self.path))
-            else:  # cancelled (or interrupted): not a failure of the load
-                outcome = LoadCancelled(
-                    path=str(self.path),
-                    placed_units=self.placed_units,
-                    placed_bytes=self.placed_bytes,
-                    inflight_units=inflight,
-                    released_tensors=released,
-                    released_bytes=released_bytes,
-                    seconds=time.perf_counter() - started,
-                )
+            outcome: Event = LoadFailed(error, path=str(self.path))
+            if not isinstance(error, Exception):  # cancelled (or interrupted): no failure
+                placed = (self.placed_units, self.placed_bytes, inflight)
+                outcome = _cancelled(str(self.path), placed, released, started)
             with anyio.CancelScope(shield=True):
                 await self._emit(outcome)
             raised = _boundary.failure(error)
@@ -169,7 +237,10 @@ class _Load:
             if self.parts is not None:
                 self.parts.budget.release()
                 with anyio.CancelScope(shield=True):
+                    # Copies still in flight may write into the conversion scratch: the reader
+                    # waits for them before the scratch goes.
                     await anyio.to_thread.run_sync(self.parts.reader.close)
+                self.parts.destinations.release()
 
     async def _setup(self) -> _Parts:
         params = self.params
@@ -185,8 +256,8 @@ class _Load:
         unit_list = units(spec)
         scratch = conversion_scratch(spec)
         reader = Reader(spec, params, self._filled)
-        destinations = Destinations(spec, params, reader.files)
-        budget = Budget(spec, devices, params, scratch=scratch, transient=destinations.transient)
+        destinations = Destinations(spec, params, reader.files, scratch)
+        budget = Budget(spec, devices, params, transient=destinations.transient)
         return _Parts(
             spec,
             unit_list,
@@ -203,17 +274,7 @@ class _Load:
         await start_workers(self.params.reader_threads + 2)
         self.parts = await self._setup()
         p = self.p
-        shards = p.spec.checkpoint.shards
-        await self._emit(
-            LoadStarted(
-                path=str(self.path),
-                files=len(shards),
-                header_bytes=sum(shard.data_offset for shard in shards),
-                tensors=len(p.spec.checkpoint.tensors),
-                stored_bytes=sum(unit.stored_bytes for unit in p.units),
-                seconds=p.header_seconds,
-            )
-        )
+        await self._emit(_load_started(str(self.path), p))
         plan_seconds, fallbacks = await p.budget.first_plan()
         await self._emit(PlanComputed(p.budget.current, str(self.path), plan_seconds), *fallbacks)
         async with anyio.create_task_group() as group:
@@ -242,7 +303,6 @@ class _Load:
             flight = await self._allocate(unit, parts_left)
             if unit.layer is None:
                 parts_left -= unit.nbytes
-            p.budget.reserve(unit.layer + 1 if unit.layer is not None else 0, parts_left)
             self.inflight.append(flight)
             p.reader.start(flight, group)
 
@@ -309,14 +369,16 @@ class _Load:
             live: int | None = None  # host memory: read in the allocating call (one hop less)
             if device.is_gpu:
                 live = await anyio.to_thread.run_sync(budget.live_free, device)
-                have = live + budget.slack(device)
+                have = budget.have(device, live)
                 if have < need:
                     reason = "under-delivered: live free memory is below what its plan still needs"
                     events = await budget.replan(unit, device.name, reason, need, have, parts_left)
                     await self._emit(*events)
                     continue
             try:
-                return await anyio.to_thread.run_sync(self._allocate_sync, unit, device, live)
+                return await anyio.to_thread.run_sync(
+                    self._allocate_sync, unit, device, live, parts_left
+                )
             except torch.OutOfMemoryError as exc:
                 reason = f"allocation failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
                 del exc
@@ -329,12 +391,22 @@ class _Load:
                 )
                 await self._emit(*events)
 
-    def _allocate_sync(self, unit: Unit, device: Device, live: int | None) -> InFlight:
-        """Allocate ``unit`` on ``device`` (blocking); ``live``: the free memory read before,
-        or ``None`` to read it here first."""
+    def _allocate_sync(
+        self, unit: Unit, device: Device, live: int | None, parts_left: int
+    ) -> InFlight:
+        """Allocate ``unit`` on ``device`` (blocking) and shrink the load's reservation by what
+        it took, in one step for other loads' readings (``Budget.allocating``); ``live``: the
+        free memory read before, or ``None`` to read it here first."""
+        budget = self.p.budget
         if live is None:
-            live = self.p.budget.live_free(device)
-        return self.p.destinations.allocate(unit, device, self._layout(unit, device), live)
+            live = budget.live_free(device)
+        how = self._layout(unit, device)
+        with budget.allocating(device):
+            flight = self.p.destinations.allocate(unit, device, how, live)
+            budget.allocated(device, unit.nbytes)
+            after = parts_left - unit.nbytes if unit.layer is None else parts_left
+            budget.reserve(unit.layer + 1 if unit.layer is not None else 0, after)
+        return flight
 
     async def _finish(self, flight: InFlight) -> None:
         await flight.done.wait()
@@ -351,50 +423,16 @@ class _Load:
         stats.spans.append((flight.started, done.converted))
         self.huge_bytes += flight.huge_bytes
         self.tensors.update(flight.final)
-        tensors = len(flight.final)
-        placed = self._placement(flight, done, free_after, tensors)
+        self.placed_units += 1
+        self.placed_bytes += unit.nbytes
+        totals = _Totals(
+            self.placed_units, len(self.p.units), self.placed_bytes, self.p.total_bytes
+        )
+        root = self.p.spec.checkpoint.root
+        placed = _layer_placed(flight, done, free_after, str(self.path), root, totals)
         flight.drop()
         self.inflight.popleft()
         await self._emit(placed)
-
-    def _placement(
-        self, flight: InFlight, done: Completion, free_after: int, tensors: int
-    ) -> LayerPlaced:
-        """The ``LayerPlaced`` for ``flight``, its seconds split by the stages' own times."""
-        unit = flight.unit
-        # Allocation to the last read, plus waiting for the copies and converting; not the time
-        # the finished unit waited for its turn to be reported.
-        seconds = flight.filled - flight.started + done.converted - done.start
-        reads = [(t.read_start, t.read_end) for t in flight.times]
-        copies = [(t.read_end, t.copy_end) for t in flight.times if t.copy_end > t.read_end]
-        copies.append((done.start, done.copied))
-        allocating = (flight.started, flight.allocated)
-        converting = (done.copied, done.converted)
-        busy = covered([allocating, *reads, *copies, converting])
-        self.placed_units += 1
-        self.placed_bytes += unit.nbytes
-        return LayerPlaced(
-            layer=unit.layer,
-            device=flight.device.name,
-            nbytes=unit.nbytes,
-            seconds=seconds,
-            free_before=flight.free_before,
-            free_after=free_after,
-            part=unit.part,
-            stored_bytes=unit.stored_bytes,
-            tensors=tensors,
-            path=str(self.path),
-            files=_files(unit, self.p.spec.checkpoint.root),
-            allocate_seconds=flight.allocated - flight.started,
-            read_seconds=covered(reads),
-            copy_seconds=covered(copies),
-            convert_seconds=done.converted - done.copied,
-            wait_seconds=max(0.0, seconds - busy),
-            loaded_units=self.placed_units,
-            total_units=len(self.p.units),
-            loaded_bytes=self.placed_bytes,
-            total_bytes=self.p.total_bytes,
-        )
 
     def _complete(self, flight: InFlight) -> tuple[Completion, int]:
         """Complete the unit (copies waited, conversions done); returns when each step ended

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Self
 
 import torch
 
@@ -10,10 +11,29 @@ from streamload.events import LoadReport
 from streamload.model import ModelSpec
 from streamload.planner import Plan
 
-__all__ = ["LoadedModel"]
+__all__ = ["LoadedModel", "Releasable"]
 
 
-class LoadedModel:
+class Releasable:
+    """A load's result: ``release()`` drops every reference the library holds, and
+    ``async with`` releases on exit (``LoadedModel``, ``DistributedModel``)."""
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class LoadedModel(Releasable):
     """A loaded checkpoint: ``tensors`` by checkpoint name, each on its final device.
 
     ``plan`` is the plan actually used (after any re-plan), ``report`` what the load did.
@@ -45,17 +65,6 @@ class LoadedModel:
     def release(self) -> None:
         """Drop every tensor reference the library holds (idempotent)."""
         self.tensors.clear()
-
-    async def __aenter__(self) -> LoadedModel:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         return (
