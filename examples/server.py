@@ -4,10 +4,13 @@
     curl localhost:8000/health       # 200 at once, also during the load
     curl localhost:8000/load         # progress: state, bytes, layers, device, plan, re-plans
     curl localhost:8000/ready        # 503 until the model is ready, then 200
+    curl localhost:8000/metrics      # Prometheus metrics: streamload_* during and after the load
     curl -X POST localhost:8000/generate -d '{"prompt_ids": [1, 5, 9], "max_new_tokens": 8}'
 
 The lifespan starts the load in a background task, so the server takes requests at once. The
-load reports through ``on_event``; ``/load`` shows what it said. Stopping the server during the
+load reports through ``on_event`` to two observers: the service's progress (``/load`` shows what
+it said) and ``streamload.metrics.PrometheusObserver`` (``/metrics``, in the service's own
+registry). Stopping the server during the
 load (Ctrl-C, SIGTERM) cancels the task: streamload releases everything it placed, and the
 server logs each simulated GPU's ledger, back at 0 bytes; then it exits, with status 0 after
 Ctrl-C and by the signal itself after SIGTERM, as uvicorn does. Logs are JSON lines on stdout
@@ -38,9 +41,10 @@ import anyio.to_thread
 import structlog
 import torch
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import streamload
@@ -48,6 +52,7 @@ from examples.json_logs import configure_json_logging
 from examples.mixed_gpu_cpu import simulated_gpus, write_tiny_llama
 from streamload import events
 from streamload.integrations.transformers import load_model
+from streamload.metrics import PrometheusObserver
 from streamload.testing import SimulatedGPU
 
 log = structlog.get_logger("examples.server")
@@ -108,6 +113,8 @@ class ModelService:
         self.slow_events = slow_events
         self.progress = LoadProgress()
         self.model: Any = None  # a transformers model once ready
+        self.registry = CollectorRegistry()
+        self.metrics = PrometheusObserver(self.registry)
         self._one_at_a_time = anyio.CapacityLimiter(1)
 
     async def _on_event(self, event: events.Event) -> None:
@@ -121,10 +128,11 @@ class ModelService:
         params = streamload.LoadParams(devices=self.devices)
         try:
             with structlog.contextvars.bound_contextvars(model=self.path.name):
-                model = await load_model(self.path, params, on_event=self._on_event)
+                observers: list[events.EventCallback] = [self.metrics, self._on_event]
+                model = await load_model(self.path, params, on_event=observers)
         except anyio.get_cancelled_exc_class():
+            # streamload has logged ``load_cancelled`` with what it placed and released.
             self.progress.state = "cancelled"
-            log.warning("load_cancelled", layers_placed=self.progress.layers_placed)
             raise
         except Exception as exc:  # a StreamloadError, or the model class rejecting the weights
             self.progress.state, self.progress.error = "failed", str(exc)
@@ -179,6 +187,12 @@ async def load_status(request: Request) -> JSONResponse:
     return JSONResponse(vars(_service(request).progress))
 
 
+async def metrics(request: Request) -> Response:
+    """The Prometheus exposition of the service's registry (``streamload_*`` metrics)."""
+    body = generate_latest(_service(request).registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 def generate_args(body: Any, vocab_size: int) -> tuple[list[int], int] | None:
     """``{"prompt_ids": [...], "max_new_tokens": n}`` -> ``(ids, n)``; ``None`` if invalid."""
     fields = body if isinstance(body, dict) else {}
@@ -221,6 +235,7 @@ def create_app(service: ModelService) -> Starlette:
         Route("/health", health),
         Route("/ready", ready),
         Route("/load", load_status),
+        Route("/metrics", metrics),
         Route("/generate", generate, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -7,9 +7,10 @@ only), ``streamload.events`` for what a load reports, and ``streamload.testing``
 GPUs and checkpoint writers.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from streamload import events
 from streamload._api import inspect, plan
-from streamload.engine import LoadedModel, load
 from streamload.errors import (
     CheckpointError,
     ConfigError,
@@ -36,6 +37,9 @@ from streamload.params import (
     VisionParams,
 )
 from streamload.planner import DevicePlan, Plan
+
+if TYPE_CHECKING:
+    from streamload.engine import LoadedModel, load
 
 __version__ = "0.1.0"
 
@@ -69,3 +73,13 @@ __all__ = [
     "load",
     "plan",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The engine imports torch: it is imported when ``load`` or ``LoadedModel`` is first named,
+    # so that ``import streamload`` for ``plan`` and ``inspect`` never imports torch.
+    if name in ("LoadedModel", "load"):
+        from streamload import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from streamload import model, planner
 from streamload.devices import capacities, resolve_devices
 from streamload.model import ModelSpec
-from streamload.params import LoadParams, dtype_code, parse_dtype
+from streamload.params import LoadParams, parse_dtype_code
 from streamload.planner import Plan
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["inspect", "plan"]
 
 
 def inspect(path: str | Path, dtype: torch.dtype | str | None = None) -> ModelSpec:
     """The checkpoint's inventory: layers, non-mapped parts, bytes (in ``dtype`` if given),
-    architecture facts. Reads ``config.json`` and the safetensors headers only."""
-    parsed = parse_dtype(dtype)
-    return model.inspect(path, target_dtype=None if parsed is None else dtype_code(parsed))
+    architecture facts. Reads ``config.json`` and the safetensors headers only; without a
+    ``config.json``, the headers alone (layers grouped by tensor names, ``spec.config`` empty,
+    no architecture facts)."""
+    return model.inspect(path, target_dtype=parse_dtype_code(dtype), config_optional=True)
 
 
 def plan(path: str | Path, params: LoadParams | None = None) -> Plan:

@@ -13,10 +13,12 @@ import math
 import mmap
 import sys
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from streamload._state import STATE
+
+if TYPE_CHECKING:
+    import torch
 
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 * 2**20  # a PMD-sized transparent huge page with 4 KiB base pages
@@ -63,6 +65,8 @@ def prefault(tensor: torch.Tensor) -> None:
 
 
 def _anonymous(length: int) -> mmap.mmap:
+    import torch
+
     try:
         return mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError as exc:
@@ -84,6 +88,8 @@ def huge_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
     ``nbytes``; the unused lead is never touched). Advice the kernel refuses (THP ``never``, no
     ``madvise``) leaves ordinary pages. ``torch.OutOfMemoryError`` when the kernel refuses the
     mapping."""
+    import torch
+
     area = _anonymous(nbytes + (-nbytes) % PAGE + HUGE_PAGE)
     base = torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr()
     offset = -base % HUGE_PAGE
@@ -100,6 +106,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     unmapped when the last tensor sharing the storage is freed. Smaller tensors, and platforms
     without ``madvise``, get ``torch.empty``.
     """
+    import torch
+
     nbytes = math.prod(shape) * dtype.itemsize
     if _libc is None or nbytes < HUGE_PAGE:
         return torch.empty(shape, dtype=dtype)
@@ -147,6 +155,8 @@ class HostBlock:
     __slots__ = ("_area", "_start", "huge_bytes", "nbytes")
 
     def __init__(self, nbytes: int, *, huge_pages: bool) -> None:
+        import torch
+
         self.nbytes = nbytes
         self.huge_bytes = 0
         self._area: mmap.mmap | None = None
@@ -167,6 +177,8 @@ class HostBlock:
     def tensor(self, at: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor over the block's bytes from ``at`` (``at`` a multiple of the dtype's
         size; a tensor with no elements has storage of its own)."""
+        import torch
+
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)

@@ -212,6 +212,12 @@ def _parse(data: bytes, *, display: Path, stored: Path, file_size: int) -> Shard
     if len(data) < _PREFIX.size:
         raise CorruptHeaderError(display, f"only {len(data)} bytes of the 8-byte prefix read")
     (header_len,) = _PREFIX.unpack_from(data)
+    if _not_safetensors(data, header_len, file_size):
+        raise CorruptHeaderError(
+            display,
+            "not a safetensors file: it does not start with an 8-byte header length and a "
+            f"JSON header, but with {_short(data[:16])}",
+        )
     if header_len > MAX_HEADER_BYTES:
         raise CorruptHeaderError(
             display, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit"
@@ -235,6 +241,15 @@ def _parse(data: bytes, *, display: Path, stored: Path, file_size: int) -> Shard
         raws = [(e.offset - data_offset, e.end - data_offset, e.name) for e in tensors]
         _check_tiling(raws, display, region=file_size - data_offset, data_offset=data_offset)
     return ShardHeader(stored, file_size, data_offset, tuple(tensors), metadata)
+
+
+def _not_safetensors(data: bytes, header_len: int, file_size: int) -> bool:
+    """Whether the file is plainly something else (a ``config.json``, a pickle): its first 8
+    bytes read as a header length that cannot be (over the limit or past the end of the file)
+    and no JSON object follows them. Every safetensors writer puts ``{`` right after the
+    length, so a file that has one there is reported as a corrupt safetensors file instead."""
+    implausible = header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > file_size
+    return implausible and data[_PREFIX.size : _PREFIX.size + 1] != b"{"
 
 
 def _metadata(value: object, path: Path) -> dict[str, str]:

@@ -1,17 +1,24 @@
-"""Events: what a load did, as frozen dataclasses, and the structlog sink that logs them.
+"""Events: what a load did, as frozen dataclasses, and the log sink that records them.
 
 Every step of a load is an event delivered, in order and on the event loop, to the caller's
-``on_event`` callback (plain or coroutine function), and logged through ``structlog`` as one
-key-value line whose keys are the event's field names. The library configures no logging: the
-lines go wherever the application's structlog configuration sends them.
+``on_event`` observers (a plain or coroutine function, or a sequence of them, called in the
+order given), and logged as one key-value line whose keys are the event's field names.
 
-A ``LayerPlaced`` for layer k is delivered before the device allocation of layer k + 2 begins.
+Quiet unless asked (``log_event``): the library configures no logging. When the application
+has configured structlog (``structlog.is_configured()``), the lines go through its pipeline;
+when it has not, they go to the stdlib logger ``"streamload"``, which has a ``NullHandler``, so
+a bare ``import streamload`` prints nothing and ``logging.basicConfig()`` shows them (each
+record carries the fields as attributes too, for handlers that format them).
+
+Every event of a load carries its ``path``. A ``LayerPlaced`` for layer k is delivered before
+the device allocation of layer k + 2 begins.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -26,10 +33,13 @@ __all__ = [
     "EventCallback",
     "LayerPlaced",
     "LayersMoved",
+    "LoadCancelled",
     "LoadFailed",
     "LoadFinished",
     "LoadReport",
+    "LoadStarted",
     "MemoryReadingFallback",
+    "Observers",
     "PagedAttentionDisabled",
     "PlanComputed",
     "Replanned",
@@ -37,9 +47,31 @@ __all__ = [
     "event_fields",
     "event_name",
     "log_event",
+    "observers",
 ]
 
 logger = structlog.get_logger("streamload")
+# The stdlib logger used while the application has not configured structlog; its NullHandler
+# keeps an unconfigured application silent (the library's share of "configure no logging").
+stdlib_logger = logging.getLogger("streamload")
+stdlib_logger.addHandler(logging.NullHandler())
+
+
+@dataclass(frozen=True, slots=True)
+class LoadStarted:
+    """The headers are read and parsed; planning comes next.
+
+    ``files`` safetensors files, ``header_bytes`` read from them (length prefixes and JSON
+    headers), ``seconds`` taken to read and parse them and ``config.json`` (0 when the caller
+    passed a spec).
+    """
+
+    path: str
+    files: int
+    header_bytes: int
+    tensors: int
+    stored_bytes: int
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +87,20 @@ class PlanComputed:
 class LayerPlaced:
     """One layer (``layer=None``: one non-mapped part, named by ``part``) is on its device.
 
-    ``nbytes`` are bytes placed (target dtype), ``stored_bytes`` bytes read from disk;
-    ``seconds`` from allocation to the last copy; ``free_before``/``free_after`` the device's
-    live free bytes around the placement.
+    ``nbytes`` are bytes placed (target dtype), ``stored_bytes`` bytes read from disk, from the
+    shard ``files`` (names relative to the checkpoint); ``free_before``/``free_after`` the
+    device's live free bytes around the placement.
+
+    ``seconds`` runs from the allocation to the end of completion (copies waited for, dtypes
+    converted). It is split by wall-clock spans measured by the stages themselves:
+    ``allocate_seconds``; ``read_seconds``, while at least one of the unit's reads ran;
+    ``copy_seconds``, while a copy to the device was submitted or waited for (staged devices);
+    ``convert_seconds``, converting dtypes on the device; and ``wait_seconds``, the rest, when
+    none of these ran (the unit waited for a staging slot, a reader thread or a lane busy with
+    the unit before). Reads and copies overlap, so the parts may add to more than ``seconds``.
+
+    Running totals: ``loaded_units`` of ``total_units`` units placed, ``loaded_bytes`` of
+    ``total_bytes`` (target dtype), this unit included.
     """
 
     layer: int | None
@@ -69,6 +112,17 @@ class LayerPlaced:
     part: str | None = None
     stored_bytes: int = 0
     tensors: int = 0
+    path: str = ""
+    files: tuple[str, ...] = ()
+    allocate_seconds: float = 0.0
+    read_seconds: float = 0.0
+    copy_seconds: float = 0.0
+    convert_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    loaded_units: int = 0
+    total_units: int = 0
+    loaded_bytes: int = 0
+    total_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +139,7 @@ class Replanned:
     old_layer_devices: tuple[str, ...]
     new_layer_devices: tuple[str, ...]
     at_layer: int | None = None
+    path: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +157,7 @@ class LayersMoved:
     reason: str
     nbytes: int
     seconds: float
+    path: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +165,7 @@ class PagedAttentionDisabled:
     """The plan needs the CPU, so the KV cache is sized non-paged."""
 
     reason: str
+    path: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +175,17 @@ class MemoryReadingFallback:
 
     device: str
     reason: str
+    path: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceReport:
-    """Bytes placed on one device and the time spent placing them."""
+    """Bytes placed on one device and the time spent placing them.
+
+    ``seconds`` is wall-clock time during which at least one unit bound for the device was
+    between its allocation and its placement (overlapping units counted once), so it never
+    exceeds the load's and ``gb_per_s`` is the rate the device was actually filled at.
+    """
 
     device: str
     nbytes: int
@@ -175,13 +238,34 @@ class LoadFinished:
 
 @dataclass(frozen=True, slots=True)
 class LoadFailed:
-    """The load failed (or was cancelled); everything it placed has been released."""
+    """The load failed; everything it placed has been released. A cancelled load is
+    ``LoadCancelled`` instead."""
 
     error: BaseException
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadCancelled:
+    """The load was cancelled (a cancel scope, a cancelled task, a server shutting down).
+
+    ``placed_units`` units (``placed_bytes``, target dtype) had been placed and
+    ``inflight_units`` were allocated but not yet placed; every one of their
+    ``released_tensors`` tensors (``released_bytes``) has been released.
+    """
+
+    path: str
+    placed_units: int
+    placed_bytes: int
+    inflight_units: int
+    released_tensors: int
+    released_bytes: int
+    seconds: float
 
 
 Event: TypeAlias = (
-    PlanComputed
+    LoadStarted
+    | PlanComputed
     | LayerPlaced
     | Replanned
     | LayersMoved
@@ -189,10 +273,14 @@ Event: TypeAlias = (
     | MemoryReadingFallback
     | LoadFinished
     | LoadFailed
+    | LoadCancelled
 )
 EventCallback: TypeAlias = Callable[[Event], "Awaitable[None] | None"]
+# What ``on_event`` accepts: one observer, a sequence of them (called in order), or none.
+Observers: TypeAlias = EventCallback | Sequence[EventCallback] | None
 
 _EVENT_NAMES: Mapping[type[Any], str] = {
+    LoadStarted: "load_started",
     PlanComputed: "plan_computed",
     LayerPlaced: "layer_placed",
     Replanned: "replanned",
@@ -201,6 +289,7 @@ _EVENT_NAMES: Mapping[type[Any], str] = {
     MemoryReadingFallback: "memory_reading_fallback",
     LoadFinished: "load_finished",
     LoadFailed: "load_failed",
+    LoadCancelled: "load_cancelled",
 }
 
 
@@ -263,9 +352,16 @@ def event_fields(event: Event) -> dict[str, Any]:
             ],
         }
     if isinstance(event, LoadFailed):
-        return {"error": str(event.error), "error_type": type(event.error).__name__}
+        return {
+            "path": event.path,
+            "error": str(event.error),
+            "error_type": type(event.error).__name__,
+        }
     values = {f.name: getattr(event, f.name) for f in fields(event)}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else round(v, 6) if isinstance(v, float) else v
+        for k, v in values.items()
+    }
 
 
 def event_name(event: Event) -> str:
@@ -273,19 +369,56 @@ def event_name(event: Event) -> str:
     return _EVENT_NAMES[type(event)]
 
 
+# LogRecord attributes an event field must not overwrite (``logging`` refuses them in ``extra``).
+_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def _stdlib_log(level: int, name: str, values: Mapping[str, Any]) -> None:
+    if not stdlib_logger.isEnabledFor(level):
+        return
+    text = " ".join([name, *(f"{key}={value!r}" for key, value in values.items())])
+    extra = {
+        (f"streamload_{key}" if key in _RECORD_ATTRS else key): value
+        for key, value in values.items()
+    }
+    stdlib_logger.log(level, "%s", text, extra={"event": name, **extra})
+
+
 def log_event(event: Event, log: Any = None) -> None:
-    """Log one event as a structlog key-value line (the library's only logging)."""
+    """Log one event as a key-value line (the library's only logging).
+
+    ``log`` (a structlog logger) when given; else the ``streamload`` structlog logger when the
+    application has configured structlog; else the stdlib ``streamload`` logger (silent unless
+    the application configured ``logging``). Re-plans and failures are warnings, the rest info.
+    """
+    warning = isinstance(event, LoadFailed | Replanned | LayersMoved | MemoryReadingFallback)
+    if log is None and not structlog.is_configured():
+        level = logging.WARNING if warning else logging.INFO
+        _stdlib_log(level, event_name(event), event_fields(event))
+        return
     target = logger if log is None else log
-    warn = (LoadFailed, Replanned, LayersMoved, MemoryReadingFallback)
-    method = target.warning if isinstance(event, warn) else target.info
+    method = target.warning if warning else target.info
     method(event_name(event), **event_fields(event))
 
 
-async def emit(event: Event, callback: EventCallback | None, log: Any = None) -> None:
-    """Log ``event`` and deliver it to ``callback`` (awaited if it is a coroutine function)."""
+def observers(on_event: Observers) -> tuple[EventCallback, ...]:
+    """``on_event`` as a tuple of callables (``None`` -> none; one callable -> itself)."""
+    if on_event is None:
+        return ()
+    if callable(on_event):
+        return (on_event,)
+    found = tuple(on_event)
+    for item in found:
+        if not callable(item):
+            raise TypeError(f"on_event: {item!r} is not callable")
+    return found
+
+
+async def emit(event: Event, callback: Observers, log: Any = None) -> None:
+    """Log ``event`` and deliver it to each observer in ``callback``, in order (awaited where
+    an observer returns an awaitable)."""
     log_event(event, log)
-    if callback is None:
-        return
-    result = callback(event)
-    if inspect.isawaitable(result):
-        await result
+    for observer in observers(callback):
+        result = observer(event)
+        if inspect.isawaitable(result):
+            await result

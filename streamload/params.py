@@ -7,20 +7,21 @@ at construction, so a bad setting fails before any file is opened.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
-import torch
-
 from streamload._sizes import parse_size
 
 if TYPE_CHECKING:
+    import torch
+
     from streamload.devices import Device
 
 __all__ = [
-    "TORCH_DTYPES",
     "ContextSize",
     "CpuPolicy",
     "LoadParams",
@@ -31,6 +32,7 @@ __all__ = [
     "VisionParams",
     "dtype_code",
     "parse_dtype",
+    "parse_dtype_code",
     "torch_dtype",
 ]
 
@@ -39,69 +41,104 @@ GiB = 2**30
 
 CpuPolicy: TypeAlias = Literal["copy", "mmap"]
 
-# safetensors dtype code <-> torch dtype (every code the checkpoint parser knows); the planner
-# and model work with codes, the engine and writers with torch dtypes.
-TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+# Dtypes are handled as safetensors codes ("BF16") so that parameters, planning and the
+# ``inspect``/``plan`` commands never import torch (importing it costs seconds and hundreds of
+# MB for a headers-only answer). Torch dtypes are made from codes only where tensors are.
+
+# safetensors dtype code -> the name of its torch dtype (every code the checkpoint parser knows).
+_TORCH_NAMES: Mapping[str, str] = MappingProxyType(
     {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U64": torch.uint64,
-        "U32": torch.uint32,
-        "U16": torch.uint16,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-        "F8_E4M3": torch.float8_e4m3fn,
-        "F8_E5M2": torch.float8_e5m2,
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U64": "uint64",
+        "U32": "uint32",
+        "U16": "uint16",
+        "U8": "uint8",
+        "BOOL": "bool",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
     }
 )
-_TORCH_TO_CODE: Mapping[torch.dtype, str] = {dtype: code for code, dtype in TORCH_DTYPES.items()}
+_NAME_TO_CODE: Mapping[str, str] = {name: code for code, name in _TORCH_NAMES.items()}
 
-_DTYPE_ALIASES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "f16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "f32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp8": torch.float8_e4m3fn,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
+# What a user may write for a target dtype -> its safetensors code.
+_DTYPE_ALIASES: Mapping[str, str] = {
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "fp16": "F16",
+    "f16": "F16",
+    "float16": "F16",
+    "half": "F16",
+    "fp32": "F32",
+    "f32": "F32",
+    "float32": "F32",
+    "float": "F32",
+    "fp8": "F8_E4M3",
+    "fp8_e4m3": "F8_E4M3",
+    "float8_e4m3fn": "F8_E4M3",
+    "fp8_e5m2": "F8_E5M2",
+    "float8_e5m2": "F8_E5M2",
 }
 
 
-def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """``"bf16" | "bfloat16" | torch.bfloat16 -> torch.bfloat16``; ``None`` stays ``None``."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    key = value.strip().lower().removeprefix("torch.")
+def _is_torch_dtype(value: object) -> bool:
+    # A torch dtype can only exist once torch is imported: ask it then, never import it here.
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(value, torch_module.dtype)
+
+
+def parse_dtype_code(value: torch.dtype | str | None) -> str | None:
+    """``"bf16" | "bfloat16" | "BF16" | torch.bfloat16 -> "BF16"``; ``None`` stays ``None``.
+
+    Never imports torch. ``ValueError`` for a name it does not know."""
+    if value is None:
+        return None
+    if _is_torch_dtype(value):
+        return dtype_code(value)  # type: ignore[arg-type]
+    if not isinstance(value, str):
+        raise ValueError(f"unknown dtype {value!r}; expected a torch dtype or a name")
+    key = value.strip().removeprefix("torch.")
+    if key in _TORCH_NAMES:
+        return key
     try:
-        return _DTYPE_ALIASES[key]
+        return _DTYPE_ALIASES[key.lower()]
     except KeyError:
         known = ", ".join(sorted(_DTYPE_ALIASES))
         raise ValueError(f"unknown dtype {value!r}; expected one of: {known}") from None
 
 
+def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """``"bf16" | "bfloat16" | torch.bfloat16 -> torch.bfloat16``; ``None`` stays ``None``
+    (imports torch: use ``parse_dtype_code`` where no tensor is made)."""
+    code = parse_dtype_code(value)
+    return None if code is None else torch_dtype(code)
+
+
 def dtype_code(dtype: torch.dtype) -> str:
     """The safetensors dtype code for a torch dtype (``torch.bfloat16 -> "BF16"``)."""
     try:
-        return _TORCH_TO_CODE[dtype]
+        return _NAME_TO_CODE[str(dtype).removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"torch dtype {dtype} has no safetensors code streamload knows") from None
 
 
+@functools.cache
+def _torch_dtypes() -> Mapping[str, torch.dtype]:
+    import torch
+
+    return MappingProxyType({code: getattr(torch, name) for code, name in _TORCH_NAMES.items()})
+
+
 def torch_dtype(code: str) -> torch.dtype:
-    """The torch dtype for a safetensors dtype code (``"BF16" -> torch.bfloat16``)."""
-    return TORCH_DTYPES[code]
+    """The torch dtype for a safetensors dtype code (``"BF16" -> torch.bfloat16``; imports
+    torch)."""
+    return _torch_dtypes()[code]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +185,8 @@ class PagedAttention:
 
     ``memory=None`` means a pool for ``max_seq_len x max_batch_size`` tokens (``ContextSize``).
     ``cache_dtype=None`` means the model's activation dtype (the load dtype, else the stored
-    float dtype). A plan that puts any layer on the CPU falls back to non-paged KV sizing and
+    float dtype); a given one is kept as its safetensors code (``"fp8" -> "F8_E4M3"``). A plan
+    that puts any layer on the CPU falls back to non-paged KV sizing and
     records why (``Plan.paged_attention_reason``).
     """
 
@@ -159,7 +197,7 @@ class PagedAttention:
     def __post_init__(self) -> None:
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
-        object.__setattr__(self, "cache_dtype", parse_dtype(self.cache_dtype))
+        object.__setattr__(self, "cache_dtype", parse_dtype_code(self.cache_dtype))
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +235,9 @@ def _default_devices() -> Literal["auto"]:
 @dataclass(frozen=True, slots=True)
 class LoadParams:
     """Everything a load or a plan depends on besides the checkpoint.
+
+    ``dtype`` (a torch dtype or a name such as ``"bf16"``) is kept as its safetensors code
+    (``"BF16"``; ``target_dtype`` gives the torch dtype), so parameters never import torch.
 
     Devices: ``"auto"`` (every visible CUDA GPU in CUDA order, then the CPU) or a list of
     ``"cuda:N"``, ``"cpu"`` and ``Device`` objects (such as ``streamload.testing.SimulatedGPU``),
@@ -259,7 +300,7 @@ class LoadParams:
     max_memory: Mapping[str, int | str] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        object.__setattr__(self, "dtype", parse_dtype_code(self.dtype))
         if not isinstance(self.devices, str):
             object.__setattr__(self, "devices", tuple(self.devices))
         elif self.devices != "auto":
@@ -291,15 +332,15 @@ class LoadParams:
 
     @property
     def target_dtype(self) -> torch.dtype | None:
-        """``dtype`` after parsing (never a string)."""
-        assert not isinstance(self.dtype, str)
-        return self.dtype
+        """The target dtype as a torch dtype (imports torch), or ``None`` for as-stored."""
+        code = self.target_code
+        return None if code is None else torch_dtype(code)
 
     @property
     def target_code(self) -> str | None:
-        """The safetensors code of the target dtype, or ``None`` for as-stored."""
-        dtype = self.target_dtype
-        return None if dtype is None else dtype_code(dtype)
+        """The safetensors code of the target dtype (``"BF16"``), or ``None`` for as-stored."""
+        assert self.dtype is None or isinstance(self.dtype, str)
+        return self.dtype
 
     @property
     def memory_caps(self) -> Mapping[str, int]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import sniffio
+import structlog
 
 from streamload import _state
 
@@ -74,3 +75,16 @@ def fresh_process_state() -> Iterator[None]:
     _state.reset()
     yield
     _state.reset()
+
+
+@pytest.fixture(autouse=True)
+def restore_structlog_config() -> Iterator[None]:
+    """structlog's configuration is process-wide and ``capture_logs`` leaves it configured:
+    every test ends with the configuration it started with, unconfigured where it was."""
+    was_configured = structlog.is_configured()
+    saved = structlog.get_config()
+    yield
+    if was_configured:
+        structlog.configure(**saved)
+    else:
+        structlog.reset_defaults()

@@ -547,7 +547,7 @@ def test_load_json_logs(
     assert 0 == code
     lines = [json.loads(line) for line in err.splitlines()]
     names = [line["event"] for line in lines]
-    assert "plan_computed" == names[0]
+    assert ["load_started", "plan_computed"] == names[:2]
     assert "load_finished" == names[-1]
     assert 3 + LAYERS == names.count("layer_placed")
     placed = [line for line in lines if line["event"] == "layer_placed"]
@@ -653,3 +653,121 @@ def test_demo_keep(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert f"kept the checkpoint in {target}" in out
     code, out, _ = run(capsys, "inspect", target, "--json")
     assert (0, 12) == (code, json.loads(out)["layers"]["count"])
+
+
+# --------------------------------------------------------------------------------------------
+# An instant CLI: no torch for inspect and plan, JSON errors, plain errors, 80 columns
+
+# Runs the command in a fresh interpreter and reports, after it, whether torch was imported.
+_NO_TORCH_PROBE = """
+import json, sys
+from streamload.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "torch": "torch" in sys.modules}), file=sys.stderr)
+"""
+
+
+@pytest.fixture(scope="module")
+def sparse_70b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sparse Llama-3.1-70B-shaped checkpoint: real headers in 30 shards, data holes."""
+    from streamload.testing import LLAMA_3_1_70B, write_sharded
+
+    shapes = {name: TensorShape(*value) for name, value in llama_shapes(LLAMA_3_1_70B).items()}
+    root = tmp_path_factory.mktemp("sparse-70b")
+    return write_sharded(
+        root, shapes, max_shard_bytes=5 * 10**9, sparse=True, config=dict(LLAMA_3_1_70B)
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["inspect", "{ckpt}", "--json"],
+        ["inspect", "{ckpt}", "--dtype", "fp8"],
+        ["plan", "{ckpt}", "--device", "sim:0=80GiB", "--device", "sim:1=80GiB", "--json"],
+        ["plan", "{ckpt}", "--cpu-memory", "1TiB", "--dtype", "bf16"],
+    ],
+    ids=["inspect-json", "inspect", "plan-json", "plan-auto"],
+)
+def test_inspect_and_plan_never_import_torch(sparse_70b: Path, argv: list[str]) -> None:
+    """``inspect`` and ``plan`` answer from the headers without importing torch (a fresh
+    interpreter, ``sys.modules`` checked after the command ran)."""
+    args = [a.replace("{ckpt}", str(sparse_70b)) for a in argv]
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_PROBE, *args],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert {"code": 0, "torch": False} == json.loads(done.stderr.splitlines()[-1]), done.stderr
+
+
+def test_json_errors_are_json_on_stdout(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Under ``--json`` an error is a JSON object on stdout (type and message) with exit
+    status 2, for a bad checkpoint and for a bad command line alike; stderr stays empty."""
+    code, out, err = run(capsys, "plan", tmp_path / "missing", "--json")
+    assert (2, "") == (code, err)
+    error = json.loads(out)["error"]
+    assert "CheckpointError" == error["type"]
+    assert "missing" in error["message"]
+    code, out, err = run(capsys, "inspect", tmp_path, "--json", "--bogus")
+    assert (2, "", "UsageError") == (code, err, json.loads(out)["error"]["type"])
+
+
+def test_a_file_that_is_not_safetensors_says_so(
+    capsys: pytest.CaptureFixture[str], checkpoint: Path
+) -> None:
+    """``plan config.json`` reports "not a safetensors file", not a nonsense header length."""
+    code, _, err = run(capsys, "plan", checkpoint / "config.json", "--device", "sim:0=1GiB")
+    assert 2 == code
+    assert "config.json: not a safetensors file" in err
+    assert "exceeds" not in err
+
+
+def test_inspect_without_config_groups_layers_by_name(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A safetensors file with no ``config.json`` is inspected from its headers alone: the
+    indexed container with most bytes holds the layers, the rest are non-mapped parts."""
+    shapes = {name: TensorShape(*value) for name, value in llama_shapes(_config()).items()}
+    write_sparse_safetensors(tmp_path / "model.safetensors", shapes)
+    code, out, _ = run(capsys, "inspect", tmp_path / "model.safetensors", "--json")
+    data = json.loads(out)
+    assert (0, False, LAYERS) == (code, data["has_config"], data["layers"]["count"])
+    parts = {part["name"] for part in data["non_mapped"]}
+    assert {"model.embed_tokens", "model.norm", "lm_head"} == parts
+    assert sum(s.nbytes for s in shapes.values()) == data["total_bytes"]
+    code, out, _ = run(capsys, "inspect", tmp_path)
+    assert 0 == code
+    assert "no config.json" in out
+
+
+_SIZE_CELL = re.compile(r"^\d+(\.\d+)?(B|KiB|MiB|GiB|TiB|PiB)$")
+
+
+@pytest.mark.parametrize("rich", [False, True], ids=["plain", "rich"])
+def test_plan_table_fits_80_columns(
+    capsys: pytest.CaptureFixture[str], sparse_70b: Path, rich: bool
+) -> None:
+    """The plan of a 70B over four GPUs and the CPU fits 80 columns, plain or through rich at
+    80 columns, and every size is whole on its line."""
+    from streamload.cli._render import _show_plan
+
+    gpus = [SimulatedGPU(f"cuda:{i}", total_bytes=24 * GiB) for i in range(4)]
+    params = streamload.LoadParams(devices=[*gpus, "cpu"], cpu_memory_bytes=2**40)
+    plan = streamload.plan(sparse_70b, params)
+    if rich:
+        from rich.console import Console
+
+        out = Output(Console(width=80, highlight=False, soft_wrap=False))
+    else:
+        out = Output(None)
+    _show_plan(plan, out)
+    lines = capsys.readouterr().out.splitlines()
+    assert [] == [line for line in lines if len(line.rstrip()) > 80]
+    rows = [line.split() for line in lines if line.startswith(("cuda:", "cpu "))]
+    assert 5 == len(rows)
+    for cells in rows:
+        assert all(_SIZE_CELL.match(cell) for cell in cells[3:9]), cells

@@ -19,8 +19,10 @@ from streamload.engine import _load, _reader
 from streamload.events import (
     Event,
     LayerPlaced,
+    LoadCancelled,
     LoadFailed,
     LoadFinished,
+    LoadStarted,
     PagedAttentionDisabled,
     PlanComputed,
     Replanned,
@@ -352,7 +354,8 @@ async def test_cancellation_after_each_layer_releases_everything(
     assert scope.cancelled_caught
     assert [0, 0] == [devices[0].allocated_bytes, devices[1].allocated_bytes]
     assert [] == open_fds_under(ckpt)
-    assert isinstance(events[-1], LoadFailed)
+    assert isinstance(events[-1], LoadCancelled)
+    assert not any(isinstance(e, LoadFailed) for e in events)
 
 
 async def test_task_cancellation_propagates(ckpt: Path) -> None:
@@ -419,8 +422,8 @@ async def test_two_concurrent_loads_share_one_gpu_without_double_counting(
 
 
 async def test_events_arrive_in_order_with_a_layer_placed_per_unit(ckpt: Path) -> None:
-    """Plan first, then one ``LayerPlaced`` per non-mapped part and per layer in plan order,
-    then ``LoadFinished``; async callbacks are awaited."""
+    """``LoadStarted``, the plan, then one ``LayerPlaced`` per non-mapped part and per layer in
+    plan order, then ``LoadFinished``; async callbacks are awaited."""
     seen: list[Event] = []
 
     async def on_event(event: Event) -> None:
@@ -428,7 +431,8 @@ async def test_events_arrive_in_order_with_a_layer_placed_per_unit(ckpt: Path) -
         seen.append(event)
 
     model = await streamload.load(ckpt, params(three_way(ckpt)), on_event=on_event)
-    assert isinstance(seen[0], PlanComputed)
+    assert isinstance(seen[0], LoadStarted)
+    assert isinstance(seen[1], PlanComputed)
     assert isinstance(seen[-1], LoadFinished)
     placed = [e for e in seen if isinstance(e, LayerPlaced)]
     parts = [e.part for e in placed if e.layer is None]
@@ -443,7 +447,7 @@ async def test_log_lines_carry_the_event_fields(ckpt: Path) -> None:
     with structlog.testing.capture_logs() as logs:
         await streamload.load(ckpt, params(three_way(ckpt)))
     names = [e["event"] for e in logs]
-    assert "plan_computed" == names[0]
+    assert ["load_started", "plan_computed"] == names[:2]
     assert "load_finished" == names[-1]
     placed = next(e for e in logs if e["event"] == "layer_placed" and e["layer"] == 0)
     for key in ("layer", "device", "nbytes", "seconds", "free_before", "free_after"):

@@ -229,8 +229,10 @@ def test_the_cli_plan_and_load_agree_on_a_pair_of_gpus(
     done = capsys.readouterr()
     if mib == 64:
         assert (2, 2) == (planned, loaded)
-        assert "conversion scratch" in shown.err
-        assert shown.err.splitlines()[-1] == done.err.splitlines()[-1]
+        # Under --json an error is JSON on stdout: the same one from plan and from load.
+        error = json.loads(shown.out)["error"]
+        assert "conversion scratch" in error["message"]
+        assert error == json.loads(done.out)["error"]
         return
     assert (0, 0) == (planned, loaded)
     plan, outcome = json.loads(shown.out), json.loads(done.out)

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
 import streamload
 from streamload.integrations.transformers import build_model, load_model
+from streamload.testing import SimulatedGPU
 from tests.engine_support import params, sized_gpu
 
 pytestmark = pytest.mark.anyio
@@ -142,3 +144,102 @@ async def test_buffers_follow_their_module_to_a_single_device(tmp_path: Path) ->
     buffers = dict(model.named_buffers())
     assert buffers
     assert {"meta"} == {buffer.device.type for buffer in buffers.values()}
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders, vision-language models, and key sets checked before streaming
+
+
+def save_minilm(directory: Path) -> Path:
+    """A MiniLM-shaped ``BertModel`` written by ``save_pretrained``, plus the
+    ``embeddings.position_ids`` tensor that published checkpoints (all-MiniLM-L6-v2) carry and
+    current BERT holds as a non-persistent buffer."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=256,
+        max_position_embeddings=64,
+        architectures=["BertModel"],
+    )
+    transformers.BertModel(config).save_pretrained(directory)
+    file = directory / "model.safetensors"
+    tensors = safetensors.torch.load_file(file)
+    tensors["embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
+    safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
+    return directory
+
+
+async def test_encoder_last_hidden_state_equals_from_pretrained(tmp_path: Path) -> None:
+    """A BERT encoder with ``embeddings.position_ids`` in its checkpoint loads through
+    ``AutoModel`` (the buffer ignored as ``from_pretrained`` ignores it) and gives the same
+    ``last_hidden_state``."""
+    path = save_minilm(tmp_path / "minilm")
+    reference = transformers.AutoModel.from_pretrained(path).eval()
+    model = await load_model(path, params(three_way(path)))
+    assert "BertModel" == type(model).__name__
+    mask = torch.ones_like(INPUT)
+    with torch.no_grad():
+        want = reference(input_ids=INPUT, attention_mask=mask).last_hidden_state
+        got = model(input_ids=INPUT, attention_mask=mask).last_hidden_state
+    assert torch.equal(want, got)
+
+
+def save_tiny_llava(directory: Path) -> Path:
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+        ),
+        image_token_index=255,
+    )
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+async def test_vision_language_model_logits_equal_from_pretrained(tmp_path: Path) -> None:
+    """A llava-shaped model (CLIP tower, projector, Llama) loads with its tower on the primary
+    device and gives ``from_pretrained``'s logits."""
+    path = save_tiny_llava(tmp_path / "llava")
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+    loaded_devices = [sized_gpu("sim:0", path, 1.5, primary=True), "cpu"]
+    model = await load_model(path, params(loaded_devices))
+    assert "LlavaForConditionalGeneration" == type(model).__name__
+    with torch.no_grad():
+        want = reference(input_ids=INPUT).logits
+        got = model(input_ids=INPUT).logits
+    assert torch.equal(want, got)
+
+
+async def test_a_key_mismatch_fails_before_any_tensor_is_read(tmp_path: Path) -> None:
+    """A checkpoint the model cannot take fails in ``load_model`` with the names, before the
+    load starts: no event is delivered, nothing is placed."""
+    path = save_tiny("llama", tmp_path / "l")
+    file = path / "model.safetensors"
+    tensors = safetensors.torch.load_file(file)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.1.mlp.extra.weight"] = torch.zeros(3)
+    safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
+    seen: list[Any] = []
+    gpu = SimulatedGPU("sim:0", total_bytes=2**30)
+    with pytest.raises(streamload.LoadError) as caught:
+        await load_model(path, params([gpu, "cpu"]), on_event=seen.append)
+    message = str(caught.value)
+    assert "missing from the checkpoint: [model.layers.1.mlp.up_proj.weight]" in message
+    assert "unknown to LlamaForCausalLM: [model.layers.1.mlp.extra.weight]" in message
+    assert ([], 0) == (seen, gpu.peak_allocated_bytes)

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 import streamload
 from streamload._cmdline import DeviceArg, UsageError, configured_logging, devices_from_args
 from streamload.cli._demo import (
@@ -81,6 +79,8 @@ def _devices(args: argparse.Namespace) -> tuple[list[Any], dict[str, int]]:
     if given:
         return devices_from_args(given, cpu=not args.no_cpu)
     if args.no_cpu:
+        import torch  # only here: every GPU torch sees, by name
+
         devices: list[Any] = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         if not devices:
             raise ValueError("--no-cpu without --device: no CUDA GPU is visible")
@@ -208,8 +208,15 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(line for line in lines if line) or type(exc).__name__
 
 
-def _fail(message: str) -> int:
-    print(f"streamload: error: {message}", file=sys.stderr, flush=True)
+def _fail(message: str, exc: BaseException | None = None, *, as_json: bool = False) -> int:
+    """Report an error and return exit status 2: one line on stderr, or under ``--json`` a
+    JSON object on stdout (``{"error": {"type": ..., "message": ...}}``), so that a program
+    reading the output always gets JSON."""
+    if as_json:
+        kind = "UsageError" if exc is None else type(exc).__name__
+        _json({"error": {"type": kind, "message": message}})
+    else:
+        print(f"streamload: error: {message}", file=sys.stderr, flush=True)
     return 2
 
 
@@ -224,10 +231,11 @@ def _silence_stdout() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 2 for errors, 130 if interrupted)."""
     parser = build_parser()
+    given = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(given)
     except UsageError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), as_json="--json" in given)
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
     run = _COMMANDS[args.command]
@@ -241,4 +249,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return 1
     except (streamload.StreamloadError, ValueError, OSError) as exc:
-        return _fail(_one_line(exc))
+        return _fail(_one_line(exc), exc, as_json=bool(getattr(args, "json", False)))

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 import streamload
 from streamload import events
 from streamload.cli._live import LoadView, _run_load
@@ -20,6 +18,8 @@ from streamload.cli._render import Output, _show_report
 from streamload.errors import format_bytes
 
 if TYPE_CHECKING:
+    import torch
+
     from streamload.testing import SimulatedGPU
 
 __all__ = ["DemoSizes", "demo_sizes", "write_demo_checkpoint"]
@@ -59,6 +59,8 @@ _DEMO_FILES = ("model.safetensors", "config.json")
 def write_demo_checkpoint(directory: Path) -> int:
     """A dense, random, bf16 Llama-shaped checkpoint with transformers names (~220 MiB) and its
     ``config.json`` in ``directory`` (``_DEMO_FILES``); returns the bytes written."""
+    import torch
+
     from streamload.testing import write_safetensors
 
     config = _demo_config()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 import streamload
 from streamload._cmdline import Parser, arg_type, parse_device, parse_size
 
@@ -61,10 +59,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _dtype(text: str) -> torch.dtype:
-    dtype = streamload.LoadParams(dtype=text).target_dtype
-    assert dtype is not None
-    return dtype
+def _dtype(text: str) -> str:
+    """A dtype name -> its safetensors code (``"bf16" -> "BF16"``), without importing torch."""
+    code = streamload.LoadParams(dtype=text).target_code
+    assert code is not None
+    return code
 
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:

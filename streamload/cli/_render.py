@@ -104,17 +104,35 @@ class Output:
         )
         last = len(table.columns) - 1
         for i, name in enumerate(table.columns):
-            # In a narrow terminal sizes wrap between value and unit and the last column
-            # (notes) gives way; headers and names are never cut.
+            # In a narrow terminal the last column (notes) gives way; names and numbers are
+            # never cut.
             rich_table.add_column(
                 name,
                 justify="right" if i in table.right else "left",
                 min_width=None if i == last else len(name),
-                no_wrap=i == 0,
+                no_wrap=i == 0 or i in table.right,
             )
         for row in table.rows:
             rich_table.add_row(*row)
         self.console.print(rich_table)
+
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def compact_size(nbytes: int) -> str:
+    """Bytes in at most 7 characters and 3 significant digits, no space (``"75.6GiB"``,
+    ``"720MiB"``, ``"0B"``), so that a table of sizes fits 80 columns and a number is never
+    broken across lines."""
+    value = float(nbytes)
+    unit = 0
+    while value >= 999.5 and unit < len(_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    if unit == 0:
+        return f"{nbytes}B"
+    digits = 0 if value >= 99.95 else 1 if value >= 9.995 else 2
+    return f"{value:.{digits}f}{_UNITS[unit]}"
 
 
 def _plural(n: int, noun: str) -> str:
@@ -194,6 +212,7 @@ def spec_summary(spec: streamload.ModelSpec) -> dict[str, Any]:
         ],
         "dtypes": dict(sorted(dtypes.items())),
         "tied": dict(spec.tied),
+        "has_config": bool(spec.config),
         "config": {
             "model_type": facts.model_type,
             "num_hidden_layers": facts.num_hidden_layers,
@@ -225,6 +244,13 @@ def _show_spec(summary: Mapping[str, Any], out: Output) -> None:
         ("on disk", format_bytes(summary["stored_bytes"])),
         ("layers", f"{layers['count']} x {per_layer} = {format_bytes(layers['bytes'])}"),
         ("dtypes", ", ".join(f"{k} x {v['tensors']}" for k, v in summary["dtypes"].items())),
+    ]
+    if not summary["has_config"]:
+        facts.append(("config", "no config.json: headers only, layers grouped by tensor names"))
+        out.table(Table("model", ("fact", "value"), tuple(facts)))
+        _show_parts(summary, out)
+        return
+    facts += [
         ("model_type", str(config["model_type"])),
         ("hidden size", str(config["hidden_size"])),
         ("heads", f"{config['num_attention_heads']} (kv heads {config['num_key_value_heads']})"),
@@ -246,6 +272,10 @@ def _show_spec(summary: Mapping[str, Any], out: Output) -> None:
     out.table(
         Table("dtypes (stored)", ("dtype", "tensors", "bytes"), dtype_rows, frozenset({1, 2}))
     )
+    _show_parts(summary, out)
+
+
+def _show_parts(summary: Mapping[str, Any], out: Output) -> None:
     part_rows = tuple(
         (part["name"], str(part["tensors"]), format_bytes(part["bytes"]), part["sub_model"] or "-")
         for part in summary["non_mapped"]
@@ -283,41 +313,49 @@ def paged_summary(paged: streamload.PagedAttention | None) -> dict[str, Any] | N
     }
 
 
+PRIMARY_MARK = "*"
+
+
 def plan_table(plan: streamload.Plan, title: str = "plan") -> tuple[Table, list[str]]:
-    """One row per device of ``plan`` (what it holds and what that costs), and the planner's
-    notes, numbered: the note column holds short tags and ``[n]`` pointing to a note."""
+    """One row per device of ``plan`` (what it holds and what that costs), and the notes
+    below it: the note column holds ``*`` on the device with the non-mapped parts and ``[n]``
+    pointing to note n (the planner's notes, memory-mapped bytes). Sizes are compact, so the
+    table of a plan over ``cuda:0``-style names fits 80 columns."""
     rows = []
     notes: list[str] = []
     for row in plan.devices:
-        tags = ["non-mapped parts"] if row.holds_non_mapped else []
-        if row.mmap_bytes:
-            tags.append(f"mmap {format_bytes(row.mmap_bytes)}")
+        tags = [PRIMARY_MARK] if row.holds_non_mapped else []
+        said = [f"{format_bytes(row.mmap_bytes)} memory-mapped"] if row.mmap_bytes else []
         if row.scratch_bytes:
-            tags.append(f"conversion scratch {format_bytes(row.scratch_bytes)}")
+            said.append(f"{format_bytes(row.scratch_bytes)} conversion scratch")
         if row.note:
-            notes.append(f"[{len(notes) + 1}] {row.device}: {row.note}")
+            said.append(row.note)
+        for text in said:
+            notes.append(f"[{len(notes) + 1}] {row.device}: {text}")
             tags.append(f"[{len(notes)}]")
         rows.append(
             (
                 row.device,
                 _ranges(row.layers),
                 str(len(row.layers)),
-                format_bytes(row.weight_bytes),
-                format_bytes(row.kv_bytes),
-                format_bytes(row.activation_bytes),
-                format_bytes(row.reserve_bytes),
-                format_bytes(row.capacity_bytes),
-                format_bytes(row.headroom_bytes),
-                ", ".join(tags) or "-",
+                compact_size(row.weight_bytes),
+                compact_size(row.kv_bytes),
+                compact_size(row.activation_bytes),
+                compact_size(row.reserve_bytes),
+                compact_size(row.capacity_bytes),
+                compact_size(row.headroom_bytes),
+                " ".join(tags) or "-",
             )
         )
+    if any(row.holds_non_mapped for row in plan.devices):
+        notes.insert(0, f"{PRIMARY_MARK} holds the non-mapped parts (embeddings, head, towers)")
     columns = (
         "device",
         "layers",
         "#",
         "weights",
         "KV",
-        "activations",
+        "act",
         "reserve",
         "capacity",
         "headroom",

@@ -26,7 +26,8 @@ mapping), ``_runtime`` (``CudaRuntime``: the seam where ``CudaDevice`` calls ``t
 Process-wide state (the NVML wrapper, the cgroup directories) lives in ``streamload._state``.
 """
 
-from streamload.devices._cuda import CudaDevice, CudaFence
+from typing import TYPE_CHECKING, Any
+
 from streamload.devices._discovery import capacities, resolve_devices
 from streamload.devices._host import CpuDevice, host_available_bytes, host_total_bytes
 from streamload.devices._nvml import (
@@ -40,7 +41,10 @@ from streamload.devices._nvml import (
     resolve_nvml_handle,
 )
 from streamload.devices._protocol import DONE, Device, DeviceSpec, DoneFence, Fence
-from streamload.devices._runtime import CudaEvent, CudaRuntime, CudaStream, TorchCuda
+
+if TYPE_CHECKING:
+    from streamload.devices._cuda import CudaDevice, CudaFence
+    from streamload.devices._runtime import CudaEvent, CudaRuntime, CudaStream, TorchCuda
 
 __all__ = [
     "DONE",
@@ -68,3 +72,17 @@ __all__ = [
     "resolve_devices",
     "resolve_nvml_handle",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The CUDA device and its runtime import torch; they are imported when first named, so
+    # that planning over the CPU and simulated GPUs (``streamload plan``) never imports torch.
+    if name in ("CudaDevice", "CudaFence"):
+        from streamload.devices import _cuda
+
+        return getattr(_cuda, name)
+    if name in ("CudaEvent", "CudaRuntime", "CudaStream", "TorchCuda"):
+        from streamload.devices import _runtime
+
+        return getattr(_runtime, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 
-import torch
-
 from streamload._state import STATE
-from streamload.devices._cuda import CudaDevice
 from streamload.devices._host import CpuDevice
-from streamload.devices._nvml import Nvml
+from streamload.devices._nvml import Nvml, default_nvml
 from streamload.devices._protocol import Device, DeviceSpec
 from streamload.errors import DeviceError
 from streamload.planner import DeviceCapacity
@@ -22,8 +21,33 @@ from streamload.planner import DeviceCapacity
 _CUDA_NAME = re.compile(r"cuda:(\d+)")
 
 
+def _no_gpu_to_ask_about() -> bool:
+    """Whether this host plainly has no CUDA GPU for this process: ``CUDA_VISIBLE_DEVICES``
+    hides them all, or NVML finds no driver or no GPU (an NVML error leaves it to torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return True
+    nvml = default_nvml()
+    try:
+        return not nvml.available() or not nvml.gpu_uuids()
+    except DeviceError:
+        return False
+
+
 def _cuda_count() -> int:
+    """CUDA GPUs torch can see. Answered without importing torch where torch is not imported
+    yet and the host plainly has no GPU, so planning over the CPU and simulated GPUs never
+    imports it (importing torch costs seconds for a headers-only answer)."""
+    if "torch" not in sys.modules and _no_gpu_to_ask_about():
+        return 0
+    import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _cuda_device(ordinal: int, nvml: Nvml | None) -> Device:
+    from streamload.devices._cuda import CudaDevice
+
+    return CudaDevice(ordinal, nvml=nvml)
 
 
 def _from_name(name: str, nvml: Nvml | None) -> Device:
@@ -36,7 +60,7 @@ def _from_name(name: str, nvml: Nvml | None) -> Device:
     count = _cuda_count()
     if ordinal >= count:
         raise DeviceError(name, f"not visible: this process sees {count} CUDA devices")
-    return CudaDevice(ordinal, nvml=nvml)
+    return _cuda_device(ordinal, nvml)
 
 
 def _validate(devices: list[Device]) -> list[Device]:
@@ -64,7 +88,7 @@ def resolve_devices(spec: DeviceSpec, *, nvml: Nvml | None = None) -> list[Devic
     if isinstance(spec, str):
         if spec != "auto":
             raise DeviceError(spec, "unknown device spec; expected 'auto' or a list of devices")
-        gpus: list[Device] = [CudaDevice(i, nvml=nvml) for i in range(_cuda_count())]
+        gpus: list[Device] = [_cuda_device(i, nvml) for i in range(_cuda_count())]
         return _validate([*gpus, CpuDevice()])
     devices: list[Device] = []
     for item in spec:

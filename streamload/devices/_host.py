@@ -8,13 +8,15 @@ import re
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from streamload import _hostmem
 from streamload._state import STATE
 from streamload.devices._protocol import DONE, Fence
 from streamload.errors import DeviceError
+
+if TYPE_CHECKING:
+    import torch
 
 # --------------------------------------------------------------------------------------------
 # Host memory
@@ -211,6 +213,8 @@ class CpuDevice:
         ``huge_pages``: a tensor of at least 2 MiB gets a mapping of its own in transparent huge
         pages instead (``streamload._hostmem.empty``).
         """
+        import torch
+
         try:
             if huge_pages:
                 return _hostmem.empty(shape, dtype)
@@ -221,6 +225,8 @@ class CpuDevice:
             raise torch.OutOfMemoryError(f"cpu: {exc}") from exc
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
+        import torch
+
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:

@@ -158,6 +158,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         joined = _join(args.backend, args.peer_timeout)
     except (ValueError, StreamloadError) as exc:
         return _fail(rank, str(exc))
+    try:
+        return _load_and_report(args, params)
+    finally:
+        # On every way out, failures included: a process group left to the interpreter's exit
+        # tears gloo's threads down from a destructor and aborts the process.
+        if joined:
+            dist.destroy_process_group()
+
+
+def _load_and_report(args: argparse.Namespace, params: LoadParams) -> int:
     rank = dist.get_rank()
     progress = None if args.json_logs else _Progress(rank, sys.stdout)
     try:
@@ -176,8 +186,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(report_table(model.ranks), flush=True)
     finally:
         model.release()
-        if joined:
-            dist.destroy_process_group()
     return 0
 
 

@@ -38,7 +38,7 @@ import torch
 from streamload import _hostmem
 from streamload.checkpoint import TensorEntry
 from streamload.devices import Device
-from streamload.engine._flight import InFlight
+from streamload.engine._flight import Completion, InFlight
 from streamload.engine._reader import Files, await_fence
 from streamload.engine._units import (
     Destination,
@@ -154,7 +154,7 @@ class Destinations:
         raw_bytes = sum(t.nbytes for t in got.raw.values())
         chunks = cut_chunks(got.items, read_chunk_bytes(self._params.chunk_bytes, device.staged))
         got.items.clear()
-        return InFlight(
+        flight = InFlight(
             unit,
             device,
             got.final,
@@ -165,13 +165,18 @@ class Destinations:
             free_before,
             got.huge_bytes,
         )
+        flight.allocated = time.perf_counter()
+        return flight
 
-    def complete(self, flight: InFlight) -> None:
+    def complete(self, flight: InFlight) -> Completion:
         """Wait for the unit's copies, convert raw buffers into the final tensors on the
         device, and wait for the conversions: a tensor is handed out only once it holds its
-        bytes for work on any stream. Waits poll (``await_fence``): an anyio worker thread."""
+        bytes for work on any stream. Waits poll (``await_fence``): an anyio worker thread.
+        Returns when each step ended."""
+        started = time.perf_counter()
         for fence in flight.fences:
             await_fence(fence)
+        copied = time.perf_counter()
         pairs = [(flight.final[name], raw) for name, raw in flight.raw.items()]
         flight.raw.clear()
         if pairs:
@@ -180,6 +185,7 @@ class Destinations:
             # Waited here, before the unit counts as placed: a later unit's raw buffers reuse
             # this one's part of the scratch, and the tensors go out to other streams.
             await_fence(fence)
+        return Completion(started, copied, time.perf_counter())
 
     def release(self) -> None:
         """Give back every device's conversion scratch (the load is over)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -10,7 +11,39 @@ import torch
 from streamload.devices import Device, Fence
 from streamload.engine._units import Chunk, Unit
 
-__all__ = ["InFlight"]
+__all__ = ["ChunkTimes", "Completion", "InFlight", "covered"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkTimes:
+    """When one chunk's read ran (``perf_counter``) and, on a staged device, until when its
+    copies were being submitted (``copy_end``; equal to ``read_end`` for direct reads)."""
+
+    read_start: float
+    read_end: float
+    copy_end: float
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """When a unit's completion started, its copies had been waited for and its dtypes
+    converted (``perf_counter``)."""
+
+    start: float
+    copied: float
+    converted: float
+
+
+def covered(spans: Iterable[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of ``spans`` (``(start, end)`` pairs; overlaps once)."""
+    total = 0.0
+    reach = float("-inf")
+    for start, end in sorted(spans):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
 
 
 @dataclass(slots=True)
@@ -34,7 +67,11 @@ class InFlight:
     error: BaseException | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
     pending: int = 0  # chunks queued for the reader lanes and not yet read (unstaged devices)
+    allocated: float = 0.0  # when the allocation returned
     filled: float = 0.0  # when the last read (and copy submission) finished
+    # Each chunk's read and copy times, appended on the event loop (staged) or by a reader
+    # lane under the read queue's lock (direct reads).
+    times: list[ChunkTimes] = field(default_factory=list)
 
     def drop(self) -> None:
         """Forget every tensor (pieces too: a stale frame may still hold a chunk)."""

@@ -11,10 +11,12 @@ the unit two before it has been read (``_room_for``).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -27,7 +29,7 @@ from streamload.devices import Device, resolve_devices
 from streamload.engine import _boundary
 from streamload.engine._budget import Budget
 from streamload.engine._destinations import Destinations, Layout, layout
-from streamload.engine._flight import InFlight
+from streamload.engine._flight import Completion, InFlight, covered
 from streamload.engine._loaded import LoadedModel
 from streamload.engine._moves import Spills
 from streamload.engine._reader import PageCache, Reader, start_workers
@@ -35,14 +37,20 @@ from streamload.engine._units import Unit, units
 from streamload.events import (
     DeviceReport,
     Event,
-    EventCallback,
     LayerPlaced,
+    LayersMoved,
+    LoadCancelled,
     LoadFailed,
     LoadFinished,
     LoadReport,
+    LoadStarted,
     MemoryReadingFallback,
+    Observers,
+    PagedAttentionDisabled,
     PlanComputed,
+    Replanned,
     emit,
+    observers,
 )
 from streamload.model import ModelSpec, inspect
 from streamload.params import LoadParams
@@ -51,14 +59,23 @@ from streamload.planner import conversion_scratch
 __all__ = ["load"]
 
 
+def _stamped(event: Event, path: str) -> Event:
+    """``event`` with the load's ``path`` where the stage that made it left it out."""
+    stamped = Replanned | PagedAttentionDisabled | LayersMoved | MemoryReadingFallback
+    if isinstance(event, stamped) and not event.path:
+        return dataclasses.replace(event, path=path)
+    return event
+
+
 @dataclass(slots=True)
 class _DeviceStats:
-    """What one device received so far (for the report)."""
+    """What one device received so far (for the report); ``spans``: each unit's allocation
+    to completion, so the report's seconds count overlapping units once."""
 
     nbytes: int = 0
     tensors: int = 0
     layers: int = 0
-    seconds: float = 0.0
+    spans: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -73,6 +90,95 @@ class _Parts:
     destinations: Destinations
     page_cache: PageCache
     scratch: int
+    header_seconds: float
+    total_bytes: int  # every unit's bytes in the target dtype
+
+
+def _files(unit: Unit, root: Path) -> tuple[str, ...]:
+    """The shard files ``unit`` is read from, relative to the checkpoint's root."""
+    paths = sorted({entry.path for entry in unit.entries})
+    return tuple(str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths)
+
+
+def _released(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True, slots=True)
+class _Totals:
+    """The running totals a ``LayerPlaced`` carries, its own unit included."""
+
+    loaded_units: int
+    total_units: int
+    loaded_bytes: int
+    total_bytes: int
+
+
+def _load_started(path: str, parts: _Parts) -> LoadStarted:
+    shards = parts.spec.checkpoint.shards
+    return LoadStarted(
+        path=path,
+        files=len(shards),
+        header_bytes=sum(shard.data_offset for shard in shards),
+        tensors=len(parts.spec.checkpoint.tensors),
+        stored_bytes=sum(unit.stored_bytes for unit in parts.units),
+        seconds=parts.header_seconds,
+    )
+
+
+def _layer_placed(
+    flight: InFlight, done: Completion, free_after: int, path: str, root: Path, totals: _Totals
+) -> LayerPlaced:
+    """The ``LayerPlaced`` for ``flight``, its seconds split by the times the stages passed
+    back (the reader's per chunk, the completion's)."""
+    unit = flight.unit
+    # Allocation to the last read, plus waiting for the copies and converting; not the time
+    # the finished unit waited for its turn to be reported.
+    seconds = flight.filled - flight.started + done.converted - done.start
+    reads = [(t.read_start, t.read_end) for t in flight.times]
+    copies = [(t.read_end, t.copy_end) for t in flight.times if t.copy_end > t.read_end]
+    copies.append((done.start, done.copied))
+    allocating = (flight.started, flight.allocated)
+    converting = (done.copied, done.converted)
+    busy = covered([allocating, *reads, *copies, converting])
+    return LayerPlaced(
+        layer=unit.layer,
+        device=flight.device.name,
+        nbytes=unit.nbytes,
+        seconds=seconds,
+        free_before=flight.free_before,
+        free_after=free_after,
+        part=unit.part,
+        stored_bytes=unit.stored_bytes,
+        tensors=len(flight.final),
+        path=path,
+        files=_files(unit, root),
+        allocate_seconds=flight.allocated - flight.started,
+        read_seconds=covered(reads),
+        copy_seconds=covered(copies),
+        convert_seconds=done.converted - done.copied,
+        wait_seconds=max(0.0, seconds - busy),
+        loaded_units=totals.loaded_units,
+        total_units=totals.total_units,
+        loaded_bytes=totals.loaded_bytes,
+        total_bytes=totals.total_bytes,
+    )
+
+
+def _cancelled(
+    path: str, placed: tuple[int, int, int], released: tuple[int, int], started: float
+) -> LoadCancelled:
+    """What a cancelled load reports: ``placed`` (units, bytes, units in flight) and
+    ``released`` (tensors, bytes)."""
+    return LoadCancelled(
+        path=path,
+        placed_units=placed[0],
+        placed_bytes=placed[1],
+        inflight_units=placed[2],
+        released_tensors=released[0],
+        released_bytes=released[1],
+        seconds=time.perf_counter() - started,
+    )
 
 
 class _Load:
@@ -80,16 +186,18 @@ class _Load:
         self,
         path: Path,
         params: LoadParams,
-        on_event: EventCallback | None,
+        on_event: Observers,
         spec: ModelSpec | None,
     ) -> None:
         self.path = path
         self.params = params
-        self.on_event = on_event
+        self.on_event = observers(on_event)
         self.given_spec = spec
         self.tensors: dict[str, torch.Tensor] = {}
         self.inflight: deque[InFlight] = deque()  # allocated, not yet placed, in plan order
         self.placed = 0  # units whose LayerPlaced was delivered
+        self.placed_units = 0  # units whose tensors are placed (their event made)
+        self.placed_bytes = 0  # their bytes, target dtype
         self.progress = anyio.Event()  # replaced each time a unit is read or placed
         self.device_stats: dict[str, _DeviceStats] = {}
         self.huge_bytes = 0
@@ -109,10 +217,11 @@ class _Load:
 
     async def _emit(self, *events: Event) -> None:
         # Placements are reported by a task of their own while the stream allocates (and may
-        # re-plan): one event at a time, so a callback never runs alongside itself.
+        # re-plan): one event at a time, so a callback never runs alongside itself. Events the
+        # stages made without the load's path get it here (every load event carries it).
         async with self.emit_lock:
             for event in events:
-                await emit(event, self.on_event)
+                await emit(_stamped(event, str(self.path)), self.on_event)
 
     async def run(self) -> LoadedModel:
         started = time.perf_counter()
@@ -121,11 +230,16 @@ class _Load:
             return await self._run(started)
         except BaseException as exc:
             failed = True
-            self._release()
+            inflight = len(self.inflight)
+            released = self._release()
             _boundary.scrub(exc)
             error = _boundary.single(exc)
+            outcome: Event = LoadFailed(error, path=str(self.path))
+            if not isinstance(error, Exception):  # cancelled (or interrupted): no failure
+                placed = (self.placed_units, self.placed_bytes, inflight)
+                outcome = _cancelled(str(self.path), placed, released, started)
             with anyio.CancelScope(shield=True):
-                await self._emit(LoadFailed(error))
+                await self._emit(outcome)
             raised = _boundary.failure(error)
             if raised is not error:
                 raise raised from error
@@ -145,31 +259,14 @@ class _Load:
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(_release_caches, self.parts.devices)
 
-    async def _setup(self) -> _Parts:
-        params = self.params
-        if self.given_spec is not None:
-            spec = self.given_spec
-        else:
-            spec = await anyio.to_thread.run_sync(
-                lambda: inspect(self.path, target_dtype=params.target_code)
-            )
-        devices = await anyio.to_thread.run_sync(resolve_devices, params.devices)
-        # Before any capacity is read: a GPU's context takes memory when it is created.
-        await anyio.to_thread.run_sync(_prepare, devices)
-        unit_list = units(spec)
-        scratch = conversion_scratch(spec)
-        reader = Reader(spec, params, lambda flight: self._progress())
-        destinations = Destinations(spec, params, reader.files, scratch)
-        budget = Budget(spec, devices, params, transient=destinations.transient)
-        return _Parts(
-            spec, devices, unit_list, budget, reader, destinations, PageCache(reader.files), scratch
-        )
-
     async def _run(self, started: float) -> LoadedModel:
         await start_workers(self.params.reader_threads + 2)
-        self.parts = await self._setup()
+        self.parts = await _setup(
+            self.path, self.params, self.given_spec, lambda flight: self._progress()
+        )
         p = self.p
         self.spills = Spills(p.budget, p.units, self.tensors, self._stats, self._emit, self._drain)
+        await self._emit(_load_started(str(self.path), p))
         plan_seconds, fallbacks = await p.budget.first_plan()
         await self._emit(
             PlanComputed(p.budget.current, str(self.path), plan_seconds),
@@ -311,45 +408,35 @@ class _Load:
             error, flight.error = flight.error, None
             flight.drop()
             raise _boundary.translate(error, unit, device.name) from error
-        completing = time.perf_counter()
-        completed, free_after = await anyio.to_thread.run_sync(self._complete, flight)
-        # Allocation to the last read, plus waiting for the copies and converting; not the time
-        # the finished unit waited for its turn to be reported.
-        seconds = flight.filled - flight.started + completed - completing
+        done, free_after = await anyio.to_thread.run_sync(self._complete, flight)
         stats = self.device_stats.setdefault(device.name, _DeviceStats())
         stats.nbytes += unit.nbytes
         stats.tensors += len(flight.final)
         stats.layers += 1 if unit.layer is not None else 0
-        stats.seconds += seconds
+        stats.spans.append((flight.started, done.converted))
         self.huge_bytes += flight.huge_bytes
         self.tensors.update(flight.final)
-        tensors = len(flight.final)
+        self.placed_units += 1
+        self.placed_bytes += unit.nbytes
+        totals = _Totals(
+            self.placed_units, len(self.p.units), self.placed_bytes, self.p.total_bytes
+        )
+        root = self.p.spec.checkpoint.root
+        placed = _layer_placed(flight, done, free_after, str(self.path), root, totals)
         flight.drop()
         self.inflight.popleft()
-        await self._emit(
-            LayerPlaced(
-                layer=unit.layer,
-                device=device.name,
-                nbytes=unit.nbytes,
-                seconds=seconds,
-                free_before=flight.free_before,
-                free_after=free_after,
-                part=unit.part,
-                stored_bytes=unit.stored_bytes,
-                tensors=tensors,
-            )
-        )
+        await self._emit(placed)
 
-    def _complete(self, flight: InFlight) -> tuple[float, int]:
-        """Complete the unit (copies waited, conversions done); returns when that was done
-        (``perf_counter``) and the device's live free memory after it (one thread hop)."""
-        self.p.destinations.complete(flight)
-        return time.perf_counter(), self.p.budget.live_free(flight.device)
+    def _complete(self, flight: InFlight) -> tuple[Completion, int]:
+        """Complete the unit (copies waited, conversions done); returns when each step ended
+        and the device's live free memory after it (one thread hop)."""
+        done = self.p.destinations.complete(flight)
+        return done, self.p.budget.live_free(flight.device)
 
     def _report(self, seconds: float, plan_seconds: float) -> LoadReport:
         p = self.p
         devices = tuple(
-            DeviceReport(name, s.nbytes, s.tensors, s.layers, s.seconds)
+            DeviceReport(name, s.nbytes, s.tensors, s.layers, covered(s.spans))
             for name, s in self.device_stats.items()
         )
         return LoadReport(
@@ -360,18 +447,28 @@ class _Load:
             seconds=seconds,
             plan_seconds=plan_seconds,
             devices=devices,
-            replans=tuple(p.budget.replans),
-            moves=tuple(self.spills.moves if self.spills is not None else ()),
-            fallbacks=tuple(p.budget.fallbacks),
+            replans=tuple(dataclasses.replace(r, path=str(self.path)) for r in p.budget.replans),
+            moves=tuple(dataclasses.replace(m, path=str(self.path)) for m in self._spills.moves),
+            fallbacks=tuple(
+                dataclasses.replace(f, path=str(self.path)) for f in p.budget.fallbacks
+            ),
             staging_bytes=p.reader.staging_bytes,
             huge_page_bytes=self.huge_bytes,
         )
 
-    def _release(self) -> None:
-        """Drop every tensor this load placed or allocated (containers cleared in place)."""
+    def _release(self) -> tuple[int, int]:
+        """Drop every tensor this load placed or allocated (containers cleared in place);
+        returns how many tensors that was and their bytes."""
+        dropped = list(self.tensors.values())
+        for flight in self.inflight:
+            dropped.extend(flight.final.values())
+            dropped.extend(flight.raw.values())
+        count, nbytes = len(dropped), _released(dropped)
+        dropped.clear()
         self.tensors.clear()
         while self.inflight:
             self.inflight.popleft().drop()
+        return count, nbytes
 
 
 def _notices(devices: list[Device]) -> list[Event]:
@@ -396,23 +493,63 @@ def _release_caches(devices: list[Device]) -> None:
         device.release_cache()
 
 
+async def _setup(
+    path: Path,
+    params: LoadParams,
+    given: ModelSpec | None,
+    on_filled: Callable[[InFlight], None],
+) -> _Parts:
+    """The stages of one load, handed their collaborators: the spec (``given``, else read from
+    the headers), the devices (their contexts made before any capacity is read: a GPU's
+    context takes memory when it is created), units, reader, destinations, budget."""
+    reading = time.perf_counter()
+    if given is not None:
+        spec = given
+    else:
+        spec = await anyio.to_thread.run_sync(
+            lambda: inspect(path, target_dtype=params.target_code)
+        )
+    header_seconds = time.perf_counter() - reading if given is None else 0.0
+    devices = await anyio.to_thread.run_sync(resolve_devices, params.devices)
+    await anyio.to_thread.run_sync(_prepare, devices)
+    unit_list = units(spec)
+    scratch = conversion_scratch(spec)
+    reader = Reader(spec, params, on_filled)
+    destinations = Destinations(spec, params, reader.files, scratch)
+    budget = Budget(spec, devices, params, transient=destinations.transient)
+    return _Parts(
+        spec,
+        devices,
+        unit_list,
+        budget,
+        reader,
+        destinations,
+        PageCache(reader.files),
+        scratch,
+        header_seconds,
+        sum(unit.nbytes for unit in unit_list),
+    )
+
+
 async def load(
     path: str | Path,
     params: LoadParams | None = None,
     *,
-    on_event: EventCallback | None = None,
+    on_event: Observers = None,
     spec: ModelSpec | None = None,
 ) -> LoadedModel:
     """Load the checkpoint at ``path`` onto the devices ``params`` names.
 
     Runs under asyncio or trio (anyio). Events go to ``on_event`` (a plain or coroutine
-    function, called in order on the event loop) and to the ``streamload`` structlog logger.
+    function, or a sequence of them such as ``streamload.metrics.PrometheusObserver``, each
+    called in order on the event loop) and to the log (``streamload.events``).
 
     Cancellation (a cancel scope, a cancelled task, a server shutting down): every tensor the
     load placed is released (and, with ``LoadParams.empty_cache_on_failure``, returned from
     torch's caches to the driver), reader threads finish, every file descriptor is closed, a
-    ``LoadFailed`` event is emitted, and the cancellation propagates; waits for a GPU poll, so
-    a GPU that stopped answering does not hold the cancellation up. Any other failure does the
+    ``LoadCancelled`` event says what was placed and released, and the cancellation
+    propagates; waits for a GPU poll, so a GPU that stopped answering does not hold the
+    cancellation up. Any other failure does the
     same and raises a ``StreamloadError`` naming the file, tensor, layer or device involved.
 
     ``spec``: stream exactly this model spec (a subset of the checkpoint's layers and parts,

@@ -31,7 +31,7 @@ import torch
 from streamload import _hostmem
 from streamload.devices import Device, Fence
 from streamload.engine._boundary import single
-from streamload.engine._flight import InFlight
+from streamload.engine._flight import ChunkTimes, InFlight
 from streamload.engine._units import STAGING_ALIGN, Chunk, Unit, runs
 from streamload.errors import CheckpointError, StreamloadError, TruncatedDataError
 from streamload.model import ModelSpec
@@ -124,9 +124,10 @@ def read_into(fd: int, views: list[memoryview], offset: int, path: Path, tensor:
             pending[0] = pending[0][got:]
 
 
-def read_direct(files: Files, chunk: Chunk) -> None:
+def read_direct(files: Files, chunk: Chunk) -> ChunkTimes:
     """Read ``chunk`` straight into its host destinations (blocking), faulting in first the
-    4 KiB pages the pieces say (``_hostmem.prefault``)."""
+    4 KiB pages the pieces say (``_hostmem.prefault``); returns when the read ran."""
+    started = time.perf_counter()
     for piece in chunk.pieces:
         if piece.fault_from < len(piece.dst):
             _hostmem.prefault(piece.dst[piece.fault_from :])
@@ -136,6 +137,8 @@ def read_direct(files: Files, chunk: Chunk) -> None:
     finally:
         for view in views:
             view.release()
+    ended = time.perf_counter()
+    return ChunkTimes(started, ended, ended)
 
 
 _POLL_FIRST = 50e-6  # seconds: the first pause between polls of a fence
@@ -161,18 +164,21 @@ class Slot:
     fence: Fence | None = None
 
 
-def read_staged(files: Files, device: Device, chunk: Chunk, slot: Slot) -> Fence:
+def read_staged(files: Files, device: Device, chunk: Chunk, slot: Slot) -> tuple[Fence, ChunkTimes]:
     """Read ``chunk`` into ``slot`` and start its copies to ``device`` (blocking); returns the
-    fence of the last copy (copies to one device complete in order)."""
+    fence of the last copy (copies to one device complete in order) and when the read and the
+    copy submissions ran (waiting for the slot's previous copy is neither)."""
     if slot.fence is not None:
         await_fence(slot.fence)  # the previous copy out of this slot has finished
         slot.fence = None
+    started = time.perf_counter()
     tensor = chunk.pieces[0].tensor
     lead = chunk.offset % STAGING_ALIGN  # co-align with the page cache
     if lead + chunk.nbytes > len(slot.view):
         lead = 0
     view = slot.view[lead : lead + chunk.nbytes]
     read_into(files.fd(chunk.path), [view], chunk.offset, chunk.path, tensor)
+    read = time.perf_counter()
     fence: Fence | None = None
     for piece in chunk.pieces:
         if piece.fault_from < len(piece.dst) and piece.dst.device.type == "cpu":
@@ -181,7 +187,7 @@ def read_staged(files: Files, device: Device, chunk: Chunk, slot: Slot) -> Fence
         fence = device.copy_from_host(piece.dst, slot.buffer[at : at + piece.dst.numel()])
     assert fence is not None
     slot.fence = fence
-    return fence
+    return fence, ChunkTimes(started, read, time.perf_counter())
 
 
 def usable_cpus() -> int:
@@ -289,12 +295,15 @@ class ReadQueue:
         with self._lock:
             self._running -= 1
 
-    def read(self, flight: InFlight, error: BaseException | None) -> bool:
+    def read(self, flight: InFlight, error: BaseException | None, times: ChunkTimes | None) -> bool:
         """Count one of ``flight``'s chunks as read (``error``: failed; the first is kept and
-        its unit's other chunks are skipped). True when it was the unit's last one."""
+        its unit's other chunks are skipped; ``times``: when it was read, if it was). True
+        when it was the unit's last one."""
         with self._lock:
             if error is not None and flight.error is None:
                 flight.error = error
+            if times is not None:
+                flight.times.append(times)
             flight.pending -= 1
             return flight.pending == 0
 
@@ -374,10 +383,11 @@ class Reader:
         ring = await self._ring_for(flight.device)
         slot = await ring.acquire()
         try:
-            fence = await anyio.to_thread.run_sync(
+            fence, times = await anyio.to_thread.run_sync(
                 read_staged, self.files, flight.device, chunk, slot, limiter=self._limiter
             )
             flight.fences.append(fence)
+            flight.times.append(times)
         finally:
             ring.release(slot)
 
@@ -409,12 +419,13 @@ class Reader:
         while (item := queue.take()) is not None:
             flight, chunk = item
             error: BaseException | None = None
+            times: ChunkTimes | None = None
             try:
                 if flight.error is None:
-                    read_direct(self.files, chunk)
+                    times = read_direct(self.files, chunk)
             except Exception as exc:
                 error = exc
-            if queue.read(flight, error):
+            if queue.read(flight, error, times):
                 anyio.from_thread.run_sync(self._filled, flight)
             try:
                 anyio.from_thread.check_cancelled()

@@ -479,7 +479,103 @@ def _has_lm_head(
     return False
 
 
-def inspect(path: str | Path, *, target_dtype: str | None = None) -> ModelSpec:
-    """Open the checkpoint at ``path``, read its ``config.json`` and build the spec."""
+def headers_spec(checkpoint: Checkpoint, *, target_dtype: str | None) -> ModelSpec:
+    """A spec from the headers alone, for a checkpoint without ``config.json``.
+
+    Layers are grouped by name: the container (the prefix before the first integer segment)
+    whose indices run ``0..n-1`` with the most bytes holds the layers; towers and every other
+    tensor form non-mapped parts as in ``build_spec``. Nothing the config would say is known:
+    ``config`` is empty, ``facts`` hold zeros and ``kv_kind="none"``, no ties are found. Good
+    for an inventory, not for a plan (KV and activations need the config).
+    """
+    if target_dtype is not None and target_dtype not in DTYPE_SIZES:
+        raise ValueError(f"unknown target dtype code {target_dtype!r}")
+    towers = _towers(checkpoint.tensors)
+    indexed = _indexed(name for name in checkpoint.tensors if name not in towers)
+
+    def run_length(by_index: Mapping[int, list[str]]) -> int:
+        count = 0
+        while count in by_index:
+            count += 1
+        return count
+
+    def weight(container: str) -> int:
+        by_index = indexed[container]
+        names = (n for i in range(run_length(by_index)) for n in by_index[i])
+        return sum(checkpoint.tensors[n].nbytes for n in names)
+
+    container = max(indexed, key=weight, default="")
+    count = run_length(indexed[container]) if container else 0
+    grouping = _Grouping(
+        container=container,
+        layers=[indexed[container][i] for i in range(count)],
+        towers=towers,
+        modality="vision",
+        target_dtype=target_dtype,
+        quantized=False,
+    )
+    layer_groups, parts = grouping.run(checkpoint, skip={})
+    facts = ModelFacts(
+        model_type="unknown",
+        num_hidden_layers=count,
+        hidden_size=0,
+        num_attention_heads=0,
+        num_key_value_heads=0,
+        head_dim=0,
+        v_head_dim=0,
+        vocab_size=0,
+        intermediate_size=None,
+        kv_kind="none",
+        kv_lora_rank=None,
+        qk_rope_head_dim=None,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        vision=None,
+    )
+    return ModelSpec(
+        checkpoint=checkpoint,
+        facts=facts,
+        config={},
+        target_dtype=target_dtype,
+        activation_dtype=_activation_dtype(checkpoint, target_dtype),
+        layers=tuple(
+            LayerSpec(
+                index=i,
+                prefix=f"{container}.{i}",
+                tensors=tuple(group.tensors),
+                nbytes=group.sizes.nbytes,
+                stored_bytes=group.sizes.stored,
+                converted_bytes=group.sizes.converted,
+                kv_elems_per_token=0,
+                sliding_window=None,
+            )
+            for i, group in enumerate(layer_groups)
+        ),
+        non_mapped=tuple(
+            PartSpec(
+                name=name,
+                tensors=tuple(group.tensors),
+                nbytes=group.sizes.nbytes,
+                stored_bytes=group.sizes.stored,
+                converted_bytes=group.sizes.converted,
+                sub_model=group.sub_model,
+            )
+            for name, group in parts.items()
+        ),
+        tied={},
+        has_lm_head=False,
+    )
+
+
+def inspect(
+    path: str | Path, *, target_dtype: str | None = None, config_optional: bool = False
+) -> ModelSpec:
+    """Open the checkpoint at ``path``, read its ``config.json`` and build the spec.
+
+    ``config_optional``: a checkpoint without ``config.json`` gets ``headers_spec`` (the
+    inventory from the headers alone) instead of a ``ConfigError``.
+    """
     checkpoint = open_checkpoint(path)
+    if config_optional and not (checkpoint.root / CONFIG_NAME).exists():
+        return headers_spec(checkpoint, target_dtype=target_dtype)
     return build_spec(checkpoint, load_config(checkpoint.root), target_dtype=target_dtype)

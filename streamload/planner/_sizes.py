@@ -16,8 +16,7 @@ from streamload.params import (
     LoadParams,
     PagedAttention,
     Utilization,
-    dtype_code,
-    parse_dtype,
+    parse_dtype_code,
 )
 
 _MIB = 2**20
@@ -113,8 +112,8 @@ def _block_bytes(spec: ModelSpec, dtype: str, block_size: int) -> tuple[int, ...
 
 
 def _cache_dtype(spec: ModelSpec, paged: PagedAttention) -> str:
-    dtype = parse_dtype(paged.cache_dtype)
-    return spec.activation_dtype if dtype is None else dtype_code(dtype)
+    dtype = parse_dtype_code(paged.cache_dtype)
+    return spec.activation_dtype if dtype is None else dtype
 
 
 def _initial_blocks(spec: ModelSpec, params: LoadParams, paged: PagedAttention, dtype: str) -> int:

@@ -15,7 +15,8 @@ Like ``httpx.MockTransport`` or ``structlog.testing``: public, documented, stabl
   big models from sparse files at no disk cost.
 """
 
-from streamload.testing._fake_cuda import FakeCall, FakeCuda
+from typing import TYPE_CHECKING, Any
+
 from streamload.testing._shapes import (
     LLAMA_3_1_70B,
     LLAMA_3_1_405B,
@@ -33,6 +34,9 @@ from streamload.testing._writers import (
     write_sparse_safetensors,
 )
 
+if TYPE_CHECKING:
+    from streamload.testing._fake_cuda import FakeCall, FakeCuda
+
 __all__ = [
     "LLAMA_3_1_70B",
     "LLAMA_3_1_405B",
@@ -49,3 +53,13 @@ __all__ = [
     "write_sharded",
     "write_sparse_safetensors",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The fake CUDA runtime imports torch; imported when first named, so a server's planning
+    # path over simulated GPUs never imports torch.
+    if name in ("FakeCall", "FakeCuda"):
+        from streamload.testing import _fake_cuda
+
+        return getattr(_fake_cuda, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

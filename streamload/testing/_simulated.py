@@ -13,12 +13,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from streamload import _hostmem
 from streamload.devices import DONE, Fence
 from streamload.errors import format_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SimulatedGPU"]
 
@@ -239,7 +241,7 @@ class SimulatedGPU:
         if not fits:
             raise self._oom(nbytes, "exceeds live free memory")
         try:
-            tensor = self._materialise(shape, dtype, nbytes, huge_pages)
+            tensor = _materialise(self._credits, shape, dtype, nbytes, huge_pages)
         except BaseException:
             self._credits.credit(nbytes)
             raise
@@ -250,6 +252,8 @@ class SimulatedGPU:
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A plain host ``uint8`` buffer (not charged to this device)."""
+        import torch
+
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> Fence:
@@ -370,6 +374,8 @@ class SimulatedGPU:
 
     def _oom(self, nbytes: int, why: str) -> torch.OutOfMemoryError:
         """The error a real allocator would raise (call without the lock held)."""
+        import torch
+
         with self._lock:
             self._settle()
             free, allocated, stolen = self._free(), self._allocated, self._stolen
@@ -379,22 +385,25 @@ class SimulatedGPU:
             f"{format_bytes(allocated)} allocated here, {format_bytes(stolen)} held by others"
         )
 
-    def _materialise(
-        self, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int, huge_pages: bool
-    ) -> torch.Tensor:
-        """A tensor over fresh host memory whose release credits ``nbytes`` to the ledger.
 
-        The memory map is the only owner of the bytes; ``torch.frombuffer`` keeps it alive for
-        exactly as long as the tensor storage (every view, Parameter or dtype view of it), and
-        ``weakref.finalize`` credits the ledger when it dies.
-        """
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        offset = 0
-        if huge_pages and nbytes >= _hostmem.HUGE_PAGE and hasattr(mmap, "MAP_ANONYMOUS"):
-            block, offset = _hostmem.huge_mapping(nbytes)
-        else:
-            block = _host_block(nbytes)
-        weakref.finalize(block, self._credits.credit, nbytes).atexit = False
-        flat = torch.frombuffer(block, dtype=torch.uint8, count=nbytes, offset=offset)
-        return flat.view(dtype).view(shape)
+def _materialise(
+    credits: _Credits, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int, huge_pages: bool
+) -> torch.Tensor:
+    """A tensor over fresh host memory whose release credits ``nbytes`` to ``credits``.
+
+    The memory map is the only owner of the bytes; ``torch.frombuffer`` keeps it alive for
+    exactly as long as the tensor storage (every view, Parameter or dtype view of it), and
+    ``weakref.finalize`` credits the ledger when it dies.
+    """
+    import torch
+
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    offset = 0
+    if huge_pages and nbytes >= _hostmem.HUGE_PAGE and hasattr(mmap, "MAP_ANONYMOUS"):
+        block, offset = _hostmem.huge_mapping(nbytes)
+    else:
+        block = _host_block(nbytes)
+    weakref.finalize(block, credits.credit, nbytes).atexit = False
+    flat = torch.frombuffer(block, dtype=torch.uint8, count=nbytes, offset=offset)
+    return flat.view(dtype).view(shape)

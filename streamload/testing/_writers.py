@@ -18,13 +18,13 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from streamload.checkpoint import DTYPE_SIZES, INDEX_NAME
-from streamload.params import TORCH_DTYPES, dtype_code
+from streamload.params import dtype_code, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "TensorShape",
@@ -87,6 +87,8 @@ def write_safetensors(
                 plain = plain.clone()
             storages.add(storage)
         prepared[name] = plain
+    from safetensors.torch import save_file
+
     save_file(prepared, str(target), metadata=None if metadata is None else dict(metadata))
     return target
 
@@ -184,7 +186,9 @@ def _write_shard(
 
 
 def _zeros(shape: TensorShape) -> torch.Tensor:
-    return torch.zeros(shape.shape, dtype=TORCH_DTYPES[shape.dtype])
+    import torch
+
+    return torch.zeros(shape.shape, dtype=torch_dtype(shape.dtype))
 
 
 def _nbytes(value: TensorShape | torch.Tensor) -> int:
