@@ -12,6 +12,7 @@ from streamload._api import inspect, plan
 from streamload.engine import LoadedModel, load
 from streamload.errors import (
     CheckpointError,
+    ChecksumError,
     ConfigError,
     CorruptHeaderError,
     DeviceError,
@@ -19,8 +20,11 @@ from streamload.errors import (
     IndexMismatchError,
     LoadError,
     MissingShardError,
+    ObjectChangedError,
     PlanError,
     ReplanLimitError,
+    SourceError,
+    SourceUnreachableError,
     StreamloadError,
     TruncatedDataError,
     UnsupportedDtypeError,
@@ -41,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "ChecksumError",
     "ConfigError",
     "ContextSize",
     "CorruptHeaderError",
@@ -55,10 +60,13 @@ __all__ = [
     "MbAmount",
     "MissingShardError",
     "ModelSpec",
+    "ObjectChangedError",
     "PagedAttention",
     "Plan",
     "PlanError",
     "ReplanLimitError",
+    "SourceError",
+    "SourceUnreachableError",
     "StreamloadError",
     "TruncatedDataError",
     "UnsupportedDtypeError",
