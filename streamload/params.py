@@ -208,6 +208,14 @@ class LoadParams:
     simulated GPU's tensor gets a mapping of its own (``streamload._hostmem.huge_mapping``). With
     THP ``defrag`` at ``madvise`` the kernel may compact memory to find huge pages; ``False``
     avoids that; THP ``never`` turns it off.
+
+    Sources (``streamload.sources``): ``revision`` is the branch, tag or commit a Hugging Face
+    repo id is resolved at; ``storage_options`` are object-store settings beyond the standard
+    environment (keys as obstore's store configs name them, e.g. ``"endpoint"``,
+    ``"region"``); ``connect_timeout`` (seconds) bounds how long an unreachable endpoint is
+    tried before the load fails. ``verify`` hashes every file the load reads in full and
+    compares it with the sha256 its source records (``ChecksumError`` on a mismatch; files
+    without one are listed as unverified in ``LoadReport.checks``).
     """
 
     devices: Literal["auto"] | Sequence[str | Device] = field(default_factory=_default_devices)
@@ -227,9 +235,18 @@ class LoadParams:
     reader_threads: int = 8
     max_replans: int = 8
     huge_pages: bool | Literal["auto"] = "auto"
+    revision: str = "main"
+    storage_options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    connect_timeout: float = 30.0
+    verify: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        object.__setattr__(self, "storage_options", MappingProxyType(dict(self.storage_options)))
+        if not self.revision:
+            raise ValueError("revision must be a branch, tag or commit, got an empty string")
+        if self.connect_timeout <= 0:
+            raise ValueError(f"connect_timeout must be positive, got {self.connect_timeout}")
         if not isinstance(self.devices, str):
             object.__setattr__(self, "devices", tuple(self.devices))
         elif self.devices != "auto":
