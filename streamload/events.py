@@ -24,6 +24,7 @@ __all__ = [
     "DeviceReport",
     "Event",
     "EventCallback",
+    "FileCheck",
     "LayerPlaced",
     "LoadFailed",
     "LoadFinished",
@@ -55,7 +56,8 @@ class LayerPlaced:
 
     ``nbytes`` are bytes placed (target dtype), ``stored_bytes`` bytes read from disk;
     ``seconds`` from allocation to the last copy; ``free_before``/``free_after`` the device's
-    live free bytes around the placement.
+    live free bytes around the placement. ``files`` names the files (or objects, by URL) its
+    bytes were read from.
     """
 
     layer: int | None
@@ -67,6 +69,7 @@ class LayerPlaced:
     part: str | None = None
     stored_bytes: int = 0
     tensors: int = 0
+    files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,18 @@ class DeviceReport:
 
 
 @dataclass(frozen=True, slots=True)
+class FileCheck:
+    """What ``LoadParams(verify=True)`` found for one file: ``verified`` when its bytes hashed to
+    ``sha256``, the checksum its source records; else ``reason`` says why it was not checked
+    (no checksum recorded, or not read in full)."""
+
+    file: str
+    verified: bool
+    sha256: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LoadReport:
     """What a finished load did.
 
@@ -116,7 +131,8 @@ class LoadReport:
     ``replans`` holds every ``Replanned`` event, ``fallbacks`` every ``PagedAttentionDisabled``.
     ``staging_bytes`` is the staging ring's size; ``huge_page_bytes`` the bytes of placed host
     tensors in memory advised into transparent huge pages (whole 2 MiB stretches,
-    ``LoadParams.huge_pages``).
+    ``LoadParams.huge_pages``). ``checks`` holds one ``FileCheck`` per file under
+    ``LoadParams(verify=True)`` (empty otherwise).
     """
 
     path: str
@@ -130,10 +146,16 @@ class LoadReport:
     fallbacks: tuple[PagedAttentionDisabled, ...] = ()
     staging_bytes: int = 0
     huge_page_bytes: int = 0
+    checks: tuple[FileCheck, ...] = ()
 
     @property
     def gb_per_s(self) -> float:
         return self.stored_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    @property
+    def unverified(self) -> tuple[FileCheck, ...]:
+        """The files a verifying load could not check (``checks`` that are not verified)."""
+        return tuple(check for check in self.checks if not check.verified)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +233,8 @@ def event_fields(event: Event) -> dict[str, Any]:
             "fallbacks": [f.reason for f in report.fallbacks],
             "staging_bytes": report.staging_bytes,
             "huge_page_bytes": report.huge_page_bytes,
+            "verified": [c.file for c in report.checks if c.verified],
+            "unverified": [f"{c.file}: {c.reason}" for c in report.unverified],
             "devices": [
                 {
                     "device": d.device,

@@ -33,7 +33,6 @@ from streamload import _hostmem
 from streamload.checkpoint import TensorEntry
 from streamload.devices import Device
 from streamload.engine._flight import InFlight
-from streamload.engine._reader import Files
 from streamload.engine._units import (
     Destination,
     Unit,
@@ -43,6 +42,7 @@ from streamload.engine._units import (
 )
 from streamload.model import ModelSpec
 from streamload.params import LoadParams, torch_dtype
+from streamload.sources import SourceFiles
 
 __all__ = ["Destinations", "Layout", "Transient", "layout"]
 
@@ -104,7 +104,7 @@ class _Tensors:
 class Destinations:
     """Allocates units' tensors and completes them (all calls blocking: worker threads)."""
 
-    def __init__(self, spec: ModelSpec, params: LoadParams, files: Files) -> None:
+    def __init__(self, spec: ModelSpec, params: LoadParams, files: SourceFiles) -> None:
         self._spec = spec
         self._params = params
         self._target = params.target_code

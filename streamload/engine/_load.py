@@ -11,25 +11,29 @@ the unit two before it has been read (``_room_for``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import anyio.abc
+import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 import torch
 
+from streamload._api import resolve_source, spec_of
 from streamload.devices import Device, resolve_devices
 from streamload.engine import _boundary
 from streamload.engine._budget import Budget
 from streamload.engine._destinations import Destinations, Layout, layout
 from streamload.engine._flight import InFlight
 from streamload.engine._loaded import LoadedModel
-from streamload.engine._reader import PageCache, Reader, start_workers
+from streamload.engine._reader import Files, PageCache, Reader, start_workers
 from streamload.engine._units import Unit, units
+from streamload.engine._verify import Verifier
+from streamload.errors import location
 from streamload.events import (
     DeviceReport,
     Event,
@@ -41,7 +45,7 @@ from streamload.events import (
     PlanComputed,
     emit,
 )
-from streamload.model import ModelSpec, inspect
+from streamload.model import ModelSpec
 from streamload.params import LoadParams
 from streamload.planner import conversion_scratch
 
@@ -69,12 +73,13 @@ class _Parts:
     destinations: Destinations
     page_cache: PageCache
     scratch: int
+    verifier: Verifier | None
 
 
 class _Load:
     def __init__(
         self,
-        path: Path,
+        path: str | os.PathLike[str],
         params: LoadParams,
         on_event: EventCallback | None,
         spec: ModelSpec | None,
@@ -123,25 +128,29 @@ class _Load:
         finally:
             if self.parts is not None:
                 self.parts.budget.release()
+                if self.parts.verifier is not None:
+                    self.parts.verifier.clear()
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self.parts.reader.close)
 
     async def _setup(self) -> _Parts:
         params = self.params
-        if self.given_spec is not None:
-            spec = self.given_spec
-        else:
-            spec = await anyio.to_thread.run_sync(
-                lambda: inspect(self.path, target_dtype=params.target_code)
-            )
+        # A hub download in this thread checks the load's cancel scope as bytes arrive.
+        source = await anyio.to_thread.run_sync(
+            lambda: resolve_source(self.path, params, anyio.from_thread.check_cancelled)
+        )
+        spec = self.given_spec or spec_of(source, params.target_code)
         devices = await anyio.to_thread.run_sync(resolve_devices, params.devices)
         unit_list = units(spec)
         scratch = conversion_scratch(spec)
-        reader = Reader(spec, params, self._filled)
-        destinations = Destinations(spec, params, reader.files)
+        files = Files(spec) if source.objects is None else source.objects
+        verifier = Verifier(spec, files, source.checksums) if params.verify else None
+        feed = None if verifier is None else verifier.feed
+        reader = Reader(spec, params, self._filled, files, feed)
+        destinations = Destinations(spec, params, files)
         budget = Budget(spec, devices, params, scratch=scratch, transient=destinations.transient)
         return _Parts(
-            spec, unit_list, budget, reader, destinations, PageCache(reader.files), scratch
+            spec, unit_list, budget, reader, destinations, PageCache(files), scratch, verifier
         )
 
     async def _run(self, started: float) -> LoadedModel:
@@ -303,6 +312,7 @@ class _Load:
                 part=unit.part,
                 stored_bytes=unit.stored_bytes,
                 tensors=tensors,
+                files=tuple(sorted({location(entry.path) for entry in unit.entries})),
             )
         )
 
@@ -330,6 +340,7 @@ class _Load:
             fallbacks=tuple(p.budget.fallbacks),
             staging_bytes=p.reader.staging_bytes,
             huge_page_bytes=self.huge_bytes,
+            checks=() if p.verifier is None else p.verifier.checks(),
         )
 
     def _release(self) -> None:
@@ -340,13 +351,17 @@ class _Load:
 
 
 async def load(
-    path: str | Path,
+    path: str | os.PathLike[str],
     params: LoadParams | None = None,
     *,
     on_event: EventCallback | None = None,
     spec: ModelSpec | None = None,
 ) -> LoadedModel:
     """Load the checkpoint at ``path`` onto the devices ``params`` names.
+
+    ``path`` is a local checkpoint, a Hugging Face repo id ``org/name`` (at
+    ``params.revision``, through huggingface_hub's cache) or an object-store URL
+    (``s3://bucket/prefix``, ``gs://``, ``az://``); see ``streamload.sources``.
 
     Runs under asyncio or trio (anyio). Events go to ``on_event`` (a plain or coroutine
     function, called in order on the event loop) and to the ``streamload`` structlog logger.
@@ -360,4 +375,4 @@ async def load(
     as ``streamload.distributed`` builds per pipeline stage) instead of inspecting ``path``;
     it must come from the same checkpoint and the same target dtype as ``params``.
     """
-    return await _Load(Path(path), params or LoadParams(), on_event, spec).run()
+    return await _Load(path, params or LoadParams(), on_event, spec).run()

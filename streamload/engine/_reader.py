@@ -36,6 +36,7 @@ from streamload.engine._units import STAGING_ALIGN, Chunk, Unit, runs
 from streamload.errors import CheckpointError, StreamloadError, TruncatedDataError
 from streamload.model import ModelSpec
 from streamload.params import LoadParams
+from streamload.sources import SourceFiles
 
 __all__ = [
     "Files",
@@ -64,7 +65,10 @@ def host_view(tensor: torch.Tensor) -> memoryview:
 
 
 class Files:
-    """One read-only descriptor per shard for the whole load, checked against the headers."""
+    """One read-only descriptor per shard for the whole load, checked against the headers
+    (local files; ``streamload.sources.SourceFiles`` is the seam objects are read through)."""
+
+    local = True
 
     def __init__(self, spec: ModelSpec) -> None:
         self._fds: dict[Path, int] = {}
@@ -93,6 +97,14 @@ class Files:
                 f"expected {self._sizes[path]}",
             )
         return fd
+
+    def read(self, path: Path, views: list[memoryview], offset: int, tensor: str) -> None:
+        """Fill ``views`` from the shard at ``offset`` (``read_into``; blocking)."""
+        read_into(self.fd(path), views, offset, path, tensor)
+
+    def head(self, path: Path, nbytes: int) -> bytes:
+        """The shard's first ``nbytes`` (its prefix and header, for hashing; blocking)."""
+        return os.pread(self.fd(path), nbytes, 0)
 
     def close(self) -> None:
         with self._lock:
@@ -123,7 +135,13 @@ def read_into(fd: int, views: list[memoryview], offset: int, path: Path, tensor:
             pending[0] = pending[0][got:]
 
 
-def read_direct(files: Files, chunk: Chunk) -> None:
+# Called with a chunk's bytes once they are in host memory, in the reader thread: the file,
+# the offset, the bytes (uint8 host tensors, in file order) and whether they stay where they
+# are after the call (a destination) or are reused (a staging slot). ``LoadParams.verify``.
+Feed = Callable[[Path, int, list[torch.Tensor], bool], None]
+
+
+def read_direct(files: SourceFiles, chunk: Chunk, feed: Feed | None = None) -> None:
     """Read ``chunk`` straight into its host destinations (blocking), faulting in first the
     4 KiB pages the pieces say (``_hostmem.prefault``)."""
     for piece in chunk.pieces:
@@ -131,10 +149,12 @@ def read_direct(files: Files, chunk: Chunk) -> None:
             _hostmem.prefault(piece.dst[piece.fault_from :])
     views = [host_view(piece.dst) for piece in chunk.pieces]
     try:
-        read_into(files.fd(chunk.path), views, chunk.offset, chunk.path, chunk.pieces[0].tensor)
+        files.read(chunk.path, views, chunk.offset, chunk.pieces[0].tensor)
     finally:
         for view in views:
             view.release()
+    if feed is not None:
+        feed(chunk.path, chunk.offset, [piece.dst for piece in chunk.pieces], True)
 
 
 @dataclass(slots=True)
@@ -144,7 +164,9 @@ class Slot:
     fence: Fence | None = None
 
 
-def read_staged(files: Files, device: Device, chunk: Chunk, slot: Slot) -> Fence:
+def read_staged(
+    files: SourceFiles, device: Device, chunk: Chunk, slot: Slot, feed: Feed | None = None
+) -> Fence:
     """Read ``chunk`` into ``slot`` and start its copies to ``device`` (blocking); returns the
     fence of the last copy (copies to one device complete in order)."""
     if slot.fence is not None:
@@ -155,7 +177,9 @@ def read_staged(files: Files, device: Device, chunk: Chunk, slot: Slot) -> Fence
     if lead + chunk.nbytes > len(slot.view):
         lead = 0
     view = slot.view[lead : lead + chunk.nbytes]
-    read_into(files.fd(chunk.path), [view], chunk.offset, chunk.path, tensor)
+    files.read(chunk.path, [view], chunk.offset, tensor)
+    if feed is not None:
+        feed(chunk.path, chunk.offset, [slot.buffer[lead : lead + chunk.nbytes]], False)
     fence: Fence | None = None
     for piece in chunk.pieces:
         if piece.fault_from < len(piece.dst) and piece.dst.device.type == "cpu":
@@ -288,9 +312,15 @@ class Reader:
     """
 
     def __init__(
-        self, spec: ModelSpec, params: LoadParams, on_filled: Callable[[InFlight], None]
+        self,
+        spec: ModelSpec,
+        params: LoadParams,
+        on_filled: Callable[[InFlight], None],
+        files: SourceFiles | None = None,
+        feed: Feed | None = None,
     ) -> None:
-        self.files = Files(spec)
+        self.files: SourceFiles = Files(spec) if files is None else files
+        self._feed = feed
         self._params = params
         self._on_filled = on_filled
         self._limiter = anyio.CapacityLimiter(params.reader_threads)
@@ -319,7 +349,7 @@ class Reader:
         ``probe`` runs first (the page-cache warmth probe must see the cache before the
         read-ahead fills it). Best effort: a file that cannot be opened is reported by the
         read, in context."""
-        if not hasattr(os, "posix_fadvise"):
+        if not hasattr(os, "posix_fadvise") or not self.files.local:
             return
         with contextlib.suppress(OSError, StreamloadError):
             probe()
@@ -356,7 +386,13 @@ class Reader:
         slot = await ring.acquire()
         try:
             fence = await anyio.to_thread.run_sync(
-                read_staged, self.files, flight.device, chunk, slot, limiter=self._limiter
+                read_staged,
+                self.files,
+                flight.device,
+                chunk,
+                slot,
+                self._feed,
+                limiter=self._limiter,
             )
             flight.fences.append(fence)
         finally:
@@ -391,8 +427,10 @@ class Reader:
             flight, chunk = item
             error: BaseException | None = None
             try:
-                if flight.error is None:
+                if flight.error is None and self._feed is None:
                     read_direct(self.files, chunk)
+                elif flight.error is None:
+                    read_direct(self.files, chunk, self._feed)
             except Exception as exc:
                 error = exc
             if queue.read(flight, error):
@@ -427,13 +465,15 @@ class PageCache:
     """Whether each unit was mostly in the page cache when first asked, before the load's own
     read-ahead of it (``_hostmem.cached_fraction`` samples it; unknown counts as cold)."""
 
-    def __init__(self, files: Files) -> None:
+    def __init__(self, files: SourceFiles) -> None:
         self._files = files
         self._warm: dict[int, bool] = {}  # by unit identity: units live as long as the load
 
     def warm(self, unit: Unit) -> bool:
         """Blocking (reads the page cache's state); the first answer for a unit is kept."""
         warm = self._warm.get(id(unit))
+        if warm is None and not self._files.local:
+            warm = self._warm[id(unit)] = False  # objects: no page cache to find them in
         if warm is None:
             ranges = [(self._files.fd(path), start, end - start) for path, start, end in runs(unit)]
             fraction = _hostmem.cached_fraction(ranges)
