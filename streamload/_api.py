@@ -2,33 +2,75 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from collections.abc import Callable
 
 import torch
 
-from streamload import model, planner
+from streamload import model, planner, sources
 from streamload.devices import capacities, resolve_devices
+from streamload.errors import SourceError
 from streamload.model import ModelSpec
 from streamload.params import LoadParams, dtype_code, parse_dtype
 from streamload.planner import Plan
 
-__all__ = ["inspect", "plan"]
+__all__ = ["inspect", "plan", "resolve_source", "spec_of"]
 
 
-def inspect(path: str | Path, dtype: torch.dtype | str | None = None) -> ModelSpec:
+def inspect(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    *,
+    params: LoadParams | None = None,
+) -> ModelSpec:
     """The checkpoint's inventory: layers, non-mapped parts, bytes (in ``dtype`` if given),
-    architecture facts. Reads ``config.json`` and the safetensors headers only."""
+    architecture facts. Reads ``config.json`` and the safetensors headers only.
+
+    ``path`` is a local path, a hub repo id ``org/name`` or an object-store URL
+    (``streamload.sources``); ``params`` gives the revision, storage options and connect timeout.
+    """
     parsed = parse_dtype(dtype)
-    return model.inspect(path, target_dtype=None if parsed is None else dtype_code(parsed))
+    source = resolve_source(path, params or LoadParams())
+    return spec_of(source, None if parsed is None else dtype_code(parsed))
 
 
-def plan(path: str | Path, params: LoadParams | None = None) -> Plan:
+def plan(path: str | os.PathLike[str], params: LoadParams | None = None) -> Plan:
     """The device map a load of ``path`` with ``params`` would start from.
 
     Synchronous and cheap: reads headers and ``config.json``, probes the devices ``params``
-    names (live free memory), and runs the planner. No tensor data is touched.
+    names (live free memory), and runs the planner. No tensor data is touched. ``path`` as for
+    ``inspect``.
     """
     params = params or LoadParams()
-    spec = model.inspect(path, target_dtype=params.target_code)
+    source = resolve_source(path, params)
+    spec = spec_of(source, params.target_code)
     devices = resolve_devices(params.devices)
     return planner.plan(spec, capacities(devices), params)
+
+
+def resolve_source(
+    path: str | os.PathLike[str],
+    params: LoadParams,
+    cancelled: Callable[[], None] | None = None,
+) -> sources.Source:
+    """``sources.resolve`` with ``params``' source settings; an object-store source under
+    ``cpu_policy="mmap"`` is refused (objects cannot be memory-mapped, and the plan would not
+    charge the CPU what a copy costs)."""
+    source = sources.resolve(
+        path,
+        revision=params.revision,
+        storage_options=params.storage_options,
+        connect_timeout=params.connect_timeout,
+        verify=params.verify,
+        cancelled=cancelled,
+    )
+    if not source.local and params.cpu_policy == "mmap":
+        raise SourceError(
+            source.name, "cpu_policy='mmap' maps local files; load objects with cpu_policy='copy'"
+        )
+    return source
+
+
+def spec_of(source: sources.Source, target_dtype: str | None) -> ModelSpec:
+    """The model spec of a resolved source."""
+    return model.build_spec(source.checkpoint, source.config, target_dtype=target_dtype)
