@@ -3,8 +3,11 @@
 What is requested, and how:
 
 - one listing of the prefix (names, sizes, ETags), then the index and ``config.json`` by GET;
-- each shard's header by two ranged GETs, the 8-byte length and then the header it announces
-  (several shards at once), parsed and validated exactly like a local file's;
+- each shard's header by ranged GETs: the first ``FIRST_READ`` bytes (the 8-byte length and,
+  for almost every shard, the whole header it announces), then the rest of a longer header
+  (several shards at once); parsed and validated exactly like a local file's. A request costs
+  a round trip, so one speculative read replaces the exact 8 bytes a first read would take;
+
 - tensor bytes by ranged GETs of one chunk each (``LoadParams.chunk_bytes``, from the engine's
   reader lanes and staged reads, so as many are in flight as for local files), streamed
   straight into the destination memory the engine hands over: the staging slot or the CPU
@@ -60,11 +63,20 @@ from streamload.errors import (
     location,
 )
 
-__all__ = ["RANGE_RETRIES", "SCHEMES", "ObjectFiles", "ObjectStoreCheckpoint", "is_url", "open_url"]
+__all__ = [
+    "FIRST_READ",
+    "RANGE_RETRIES",
+    "SCHEMES",
+    "ObjectFiles",
+    "ObjectStoreCheckpoint",
+    "is_url",
+    "open_url",
+]
 
 SCHEMES = ("s3://", "gs://", "az://")
 RANGE_RETRIES = 2  # further requests of the rest of a range after obstore gave up on one
 _HEADER_WORKERS = 16  # shards whose headers are fetched at once
+FIRST_READ = 1 << 16  # the first read of a shard: its prefix and, nearly always, its header
 _STREAM_PIECE = 1 << 20  # bytes obstore collects before handing a piece of a range over
 _CONFIG_NAME = "config.json"
 
@@ -220,11 +232,13 @@ class ObjectFiles:
 
     def _header(self, path: Path) -> ShardHeader:
         obj = self._object(path, CheckpointError)
-        data = self._range(path, 0, min(8, obj.size)) if obj.size else b""
-        if len(data) == 8:
-            (length,) = struct.unpack("<Q", data)
-            if length <= MAX_HEADER_BYTES and 8 + length <= obj.size:
-                data += self._range(path, 8, 8 + length) if length else b""
+        data = self._range(path, 0, min(FIRST_READ, obj.size)) if obj.size else b""
+        if len(data) >= 8:
+            (length,) = struct.unpack_from("<Q", data)
+            end = 8 + length
+            if length <= MAX_HEADER_BYTES and len(data) < end <= obj.size:
+                data += self._range(path, len(data), end)
+            data = data[: max(8, min(end, len(data)))]
         self._heads[path] = data
         return parse_header(data, path=path, file_size=obj.size)
 
