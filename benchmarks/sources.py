@@ -160,11 +160,11 @@ def run(mib: int, rounds: int, shards: int) -> dict[str, Any]:
             for name in names:
                 client.put_object(Bucket="bench", Key=f"m/{name}", Body=(local / name).read_bytes())
             url = "s3://bench/m"
-            shards = [n for n in names if n.endswith(".safetensors")]
+            objects = [n for n in names if n.endswith(".safetensors")]
             download, load, stream = [], [], []
             for _ in range(rounds):
                 started = time.perf_counter()
-                nbytes = asyncio.run(_download(url, shards, lanes))
+                nbytes = asyncio.run(_download(url, objects, lanes))
                 download.append(time.perf_counter() - started)
                 whole, streaming = _timed_load(url, params)
                 load.append(whole)

@@ -45,7 +45,7 @@ def plan(path: str | os.PathLike[str], params: LoadParams | None = None) -> Plan
     source = resolve_source(path, params)
     spec = spec_of(source, params.target_code)
     devices = resolve_devices(params.devices)
-    return planner.plan(spec, capacities(devices), params)
+    return planner.plan(spec, capacities(devices, caps=params.memory_caps), params)
 
 
 def resolve_source(

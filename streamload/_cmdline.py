@@ -13,12 +13,13 @@ import contextlib
 import functools
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any, NoReturn
 
 import structlog
+
+from streamload._sizes import parse_size
 
 __all__ = [
     "DeviceArg",
@@ -26,6 +27,7 @@ __all__ = [
     "UsageError",
     "arg_type",
     "configured_logging",
+    "devices_from_args",
     "parse_device",
     "parse_size",
 ]
@@ -34,47 +36,45 @@ __all__ = [
 # Parsing at the edge: strings -> typed values
 
 
-_UNITS: Mapping[str, int] = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
-
-
-def parse_size(text: str) -> int:
-    """A byte count from ``"24GiB"``, ``"24GB"``, ``"512MiB"``, ``"1.5TiB"`` or ``"4096"``.
-
-    Units are case-insensitive: ``KB MB GB TB`` are powers of 1000, ``KiB MiB GiB TiB`` powers
-    of 1024, ``B`` or none means bytes. A bare ``G`` or ``M`` is refused as ambiguous. The result
-    must be a whole number of bytes; anything else raises ``ValueError``.
-    """
-    match = _SIZE.fullmatch(text)
-    unit = _UNITS.get(match.group(2).lower()) if match else None
-    if match is None or unit is None:
-        raise ValueError(
-            f"bad size {text!r}: expected a number with an optional unit "
-            "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB"
-        )
-    value = Decimal(match.group(1)) * unit
-    if value != value.to_integral_value():
-        raise ValueError(f"bad size {text!r}: not a whole number of bytes")
-    return int(value)
-
-
 @dataclass(frozen=True, slots=True)
 class DeviceArg:
-    """One ``--device``: ``NAME=SIZE`` is a simulated GPU, a bare ``NAME`` a real device."""
+    """One ``--device``: a bare ``NAME`` is a real device; ``cuda:N=SIZE`` a real GPU that the
+    load may take at most ``SIZE`` of (``LoadParams.max_memory``); any other ``NAME=SIZE`` a
+    simulated GPU of that size."""
 
     name: str
     total_bytes: int | None
+
+    @property
+    def simulated(self) -> bool:
+        return self.total_bytes is not None and not _CUDA.fullmatch(self.name)
+
+
+_CUDA = re.compile(r"cuda:\d+")
+
+
+def devices_from_args(given: Sequence[DeviceArg], *, cpu: bool) -> tuple[list[Any], dict[str, int]]:
+    """The ``LoadParams.devices`` and ``max_memory`` that ``--device`` arguments name, in order,
+    then ``"cpu"`` if ``cpu``; simulated GPUs are made here."""
+    names = [d.name for d in given]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise ValueError(f"--device {duplicate} is given twice")
+    devices: list[Any] = []
+    caps: dict[str, int] = {}
+    for arg in given:
+        if arg.simulated:
+            from streamload.testing import SimulatedGPU
+
+            assert arg.total_bytes is not None
+            devices.append(SimulatedGPU(arg.name, total_bytes=arg.total_bytes))
+            continue
+        devices.append(arg.name)
+        if arg.total_bytes is not None:
+            caps[arg.name] = arg.total_bytes
+    if devices and cpu:
+        devices.append("cpu")
+    return devices, caps
 
 
 def parse_device(text: str) -> DeviceArg:

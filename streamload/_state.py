@@ -4,7 +4,11 @@ Everything streamload keeps for the life of the process rather than per load liv
 ``STATE``:
 
 - ``reservations``: the ledger of device bytes in-flight loads have spoken for, so two loads
-  in one process never count the same free memory twice (``ReservationBook``);
+  in one process never count the same free memory twice (``ReservationBook``), and
+  ``planning``, the lock a load holds from reading capacities until its plan is reserved, so
+  two loads that start together plan one after the other, and ``ledger``, held around a live
+  reading and around an allocation with the update of its reservation, so a reading never
+  counts an allocation and its reservation both;
 - ``nvml``: the process's NVML wrapper (``streamload.devices.default_nvml`` makes it on first
   use; NVML is initialised once and never shut down, ``nvmlInit`` being reference-counted);
 - ``probes``: feature probes of the host that cannot change under a running process, each read
@@ -88,6 +92,8 @@ class State:
     """What a process holds; see the module docstring."""
 
     reservations: ReservationBook = field(default_factory=ReservationBook)
+    planning: threading.Lock = field(default_factory=threading.Lock)
+    ledger: threading.RLock = field(default_factory=threading.RLock)
     nvml: Any = None  # a ``streamload.devices.Nvml`` once ``default_nvml()`` made one
     probes: Probes = field(default_factory=Probes)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -100,5 +106,7 @@ def reset() -> None:
     """Forget everything ``STATE`` holds, as in a fresh process (for tests)."""
     with STATE.lock:
         STATE.reservations = ReservationBook()
+        STATE.planning = threading.Lock()
+        STATE.ledger = threading.RLock()
         STATE.nvml = None
         STATE.probes = Probes()

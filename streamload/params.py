@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import torch
 
+from streamload._sizes import parse_size
+
 if TYPE_CHECKING:
     from streamload.devices import Device
 
@@ -173,6 +175,21 @@ class VisionParams:
             raise ValueError(f"invalid vision params: {self}")
 
 
+def _caps(given: Mapping[str, int | str] | None) -> Mapping[str, int]:
+    """``max_memory`` parsed at the edge: device name -> bytes (ints, or sizes with a unit)."""
+    caps: dict[str, int] = {}
+    for device, value in (given or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(
+                f"max_memory[{device!r}] must be bytes or a size string, got {value!r}"
+            )
+        nbytes = parse_size(value) if isinstance(value, str) else value
+        if nbytes < 0:
+            raise ValueError(f"max_memory[{device!r}] must be >= 0, got {value!r}")
+        caps[str(device)] = nbytes
+    return MappingProxyType(caps)
+
+
 def _default_devices() -> Literal["auto"]:
     return "auto"
 
@@ -188,6 +205,12 @@ class LoadParams:
     Reserve per GPU is ``max(reserve_fraction x total, reserve_min_bytes)``. The CPU's budget is
     the host's available memory (or ``cpu_memory_bytes`` when given) minus
     ``host_reserve_bytes``.
+
+    ``max_memory`` caps what a load may take per device, in accelerate's spelling
+    (``{"cuda:0": "10GiB", "cpu": "64GiB"}``; ints are bytes, strings need a unit): a device's
+    budget is ``min(cap, live free) - reserve``, and every recheck and re-plan applies the cap
+    to what the load holds there. Use it to leave room on a shared GPU, or for a KV pool the
+    server allocates after the load.
 
     ``staging_bytes`` bounds host memory used to stage tensors for staged devices; it does not
     grow with the model. The ring itself holds ``chunk_bytes`` slots for the usable CPUs + 1
@@ -235,6 +258,7 @@ class LoadParams:
     reader_threads: int = 8
     max_replans: int = 8
     huge_pages: bool | Literal["auto"] = "auto"
+    max_memory: Mapping[str, int | str] | None = None
     revision: str = "main"
     storage_options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     connect_timeout: float = 30.0
@@ -274,6 +298,7 @@ class LoadParams:
             raise ValueError(f"huge_pages must be True, False or 'auto', got {self.huge_pages!r}")
         if self.staging_bytes < self.chunk_bytes:
             raise ValueError("staging_bytes must be at least chunk_bytes")
+        object.__setattr__(self, "max_memory", _caps(self.max_memory))
 
     @property
     def target_dtype(self) -> torch.dtype | None:
@@ -286,6 +311,11 @@ class LoadParams:
         """The safetensors code of the target dtype, or ``None`` for as-stored."""
         dtype = self.target_dtype
         return None if dtype is None else dtype_code(dtype)
+
+    @property
+    def memory_caps(self) -> Mapping[str, int]:
+        """``max_memory`` after parsing: device name -> the most a load may take there."""
+        return {device: int(value) for device, value in (self.max_memory or {}).items()}
 
     def reserve_for(self, total_bytes: int) -> int:
         """Per-GPU reserve: ``max(reserve_fraction x total, reserve_min_bytes)``."""

@@ -141,7 +141,7 @@ def table_rows(out: str, keys: tuple[str, ...] = ("sim:0", "sim:1", "cpu")) -> d
 
 
 def sim_devices(sizes: tuple[int, int]) -> list[str]:
-    return ["--device", f"sim:0={sizes[0]}", "--device", f"sim:1={sizes[1]}"]
+    return ["--device", f"sim:0={sizes[0]}B", "--device", f"sim:1={sizes[1]}B"]
 
 
 EXPECTED_LAYERS = ["sim:0", "sim:0", "sim:1", "sim:1", "cpu", "cpu"]
@@ -153,7 +153,7 @@ EXPECTED_LAYERS = ["sim:0", "sim:0", "sim:1", "sim:1", "cpu", "cpu"]
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("4096", 4096),
+        ("4096B", 4096),
         ("0", 0),
         ("24GiB", 24 * GiB),
         ("24GB", 24 * 10**9),
@@ -168,17 +168,26 @@ EXPECTED_LAYERS = ["sim:0", "sim:0", "sim:1", "sim:1", "cpu", "cpu"]
     ],
 )
 def test_parse_size_accepts(text: str, expected: int) -> None:
-    """Decimal (GB) and binary (GiB) units, fractions that land on whole bytes, plain bytes."""
+    """Decimal (GB) and binary (GiB) units, fractions that land on whole bytes, bytes (``B``),
+    and zero without a unit."""
     assert expected == parse_size(text)
 
 
 @pytest.mark.parametrize(
-    "text", ["lots", "", "GiB", "1.5", "-1GiB", "10G", "1e3", "nan", "24 GiBs", "1,5GiB"]
+    "text",
+    ["lots", "", "GiB", "1.5", "-1GiB", "10G", "1e3", "nan", "24 GiBs", "1,5GiB", "24", "4096"],
 )
 def test_parse_size_refuses(text: str) -> None:
-    """Garbage, negative sizes, partial bytes and ambiguous units (``G``) are refused."""
+    """Garbage, negative sizes, partial bytes, ambiguous units (``G``) and numbers without a
+    unit (``sim:0=24`` is never meant as 24 bytes) are refused."""
     with pytest.raises(ValueError, match="bad size"):
         parse_size(text)
+
+
+def test_a_size_without_a_unit_says_which_unit_to_add() -> None:
+    """The error for ``24`` suggests ``24GiB`` (and ``24B`` for bytes)."""
+    with pytest.raises(ValueError, match=r"needs a unit, e\.g\. 24GiB \(or 24B for bytes\)"):
+        parse_size("24")
 
 
 @pytest.mark.parametrize(

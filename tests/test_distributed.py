@@ -605,7 +605,7 @@ def test_command_reports_a_bad_argument_in_one_line(
     assert (2, "") == (code, out)
     expected = (
         "streamload.distributed: error: [rank 0] argument --device: bad size 'lots': expected "
-        "a number with an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB "
+        "a number and a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB "
         "(see 'python -m streamload.distributed load --help')"
     )
     assert [expected] == err.splitlines()

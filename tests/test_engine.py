@@ -562,9 +562,9 @@ async def test_units_bound_for_host_memory_are_read_ahead_of_a_slow_callback(
     allocated: list[int | None] = []
     allocate = _load._Load._allocate_sync
 
-    def recording(self: Any, unit: Any, device: Any, live: int) -> Any:
+    def recording(self: Any, unit: Any, device: Any, live: int, parts_left: int) -> Any:
         allocated.append(unit.layer)
-        return allocate(self, unit, device, live)
+        return allocate(self, unit, device, live, parts_left)
 
     monkeypatch.setattr(_load._Load, "_allocate_sync", recording)
     seen: list[list[int | None]] = []

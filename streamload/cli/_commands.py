@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import streamload
-from streamload._cmdline import DeviceArg, UsageError, configured_logging
+from streamload._cmdline import DeviceArg, UsageError, configured_logging, devices_from_args
 from streamload.cli._demo import (
     _DEMO_FILES,
     _DEMO_HIDDEN,
@@ -43,7 +43,7 @@ from streamload.cli._render import (
 from streamload.errors import format_bytes
 
 if TYPE_CHECKING:
-    from streamload.testing import SimulatedGPU
+    pass
 
 __all__ = ["Setup", "main"]
 
@@ -76,30 +76,18 @@ class Setup:
     inputs: dict[str, Any]
 
 
-def _devices(args: argparse.Namespace) -> list[str | SimulatedGPU]:
-    """``--device`` in order (``NAME=SIZE``: a simulated GPU), then ``"cpu"`` unless
-    ``--no-cpu``; empty for ``"auto"``."""
+def _devices(args: argparse.Namespace) -> tuple[list[Any], dict[str, int]]:
+    """``--device`` in order (``NAME=SIZE``: a simulated GPU; ``cuda:N=SIZE``: a cap), then
+    ``"cpu"`` unless ``--no-cpu``; no devices for ``"auto"``."""
     given: list[DeviceArg] = args.device or []
-    names = [d.name for d in given]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate is not None:
-        raise ValueError(f"--device {duplicate} is given twice")
-    devices: list[str | SimulatedGPU] = []
     if given:
-        from streamload.testing import SimulatedGPU
-
-        for arg in given:
-            if arg.total_bytes is None:
-                devices.append(arg.name)
-            else:
-                devices.append(SimulatedGPU(arg.name, total_bytes=arg.total_bytes))
-    elif args.no_cpu:
-        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return devices_from_args(given, cpu=not args.no_cpu)
+    if args.no_cpu:
+        devices: list[Any] = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         if not devices:
             raise ValueError("--no-cpu without --device: no CUDA GPU is visible")
-    if devices and not args.no_cpu:
-        devices.append("cpu")
-    return devices
+        return devices, {}
+    return [], {}
 
 
 def _setup(args: argparse.Namespace) -> Setup:
@@ -113,8 +101,10 @@ def _setup(args: argparse.Namespace) -> Setup:
         overrides["reserve_min_bytes"] = args.gpu_reserve
     if args.host_reserve is not None:
         overrides["host_reserve_bytes"] = args.host_reserve
+    devices, caps = _devices(args)
     params = streamload.LoadParams(
-        devices=_devices(args) or "auto",
+        devices=devices or "auto",
+        max_memory=caps or None,
         dtype=args.dtype,
         max_seq_len=args.max_seq_len,
         max_batch_size=args.max_batch_size,
@@ -130,8 +120,7 @@ def _setup(args: argparse.Namespace) -> Setup:
         "path": str(args.path),
         "revision": params.revision,
         "devices": [
-            {"name": d.name, "simulated": d.total_bytes is not None, "total_bytes": d.total_bytes}
-            for d in given
+            {"name": d.name, "simulated": d.simulated, "total_bytes": d.total_bytes} for d in given
         ]
         or "auto",
         "cpu": not args.no_cpu,
@@ -143,6 +132,7 @@ def _setup(args: argparse.Namespace) -> Setup:
         "paged_attention": paged_summary(paged),
         "reserve_fraction": params.reserve_fraction,
         "reserve_min_bytes": params.reserve_min_bytes,
+        "max_memory": dict(params.memory_caps),
         "host_reserve_bytes": params.host_reserve_bytes,
     }
     return Setup(params, inputs)

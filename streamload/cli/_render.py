@@ -292,6 +292,8 @@ def plan_table(plan: streamload.Plan, title: str = "plan") -> tuple[Table, list[
         tags = ["non-mapped parts"] if row.holds_non_mapped else []
         if row.mmap_bytes:
             tags.append(f"mmap {format_bytes(row.mmap_bytes)}")
+        if row.scratch_bytes:
+            tags.append(f"conversion scratch {format_bytes(row.scratch_bytes)}")
         if row.note:
             notes.append(f"[{len(notes) + 1}] {row.device}: {row.note}")
             tags.append(f"[{len(notes)}]")

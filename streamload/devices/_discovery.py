@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -78,21 +78,32 @@ def resolve_devices(spec: DeviceSpec, *, nvml: Nvml | None = None) -> list[Devic
 
 
 def capacities(
-    devices: Sequence[Device], *, owner: object = None, scratch: int = 0
+    devices: Sequence[Device],
+    *,
+    owner: object = None,
+    caps: Mapping[str, int] | None = None,
+    used: Mapping[str, int] | None = None,
 ) -> list[DeviceCapacity]:
     """Live capacities of ``devices`` as the planner takes them (blocking: probes devices).
 
     Bytes other loads in this process hold on a device (every owner's but ``owner``'s, in
-    ``STATE.reservations``) are subtracted from its free bytes, and so is ``scratch`` on GPUs
-    (a load's dtype-conversion buffers).
+    ``STATE.reservations``) are subtracted from its free bytes. ``caps`` (``LoadParams.
+    max_memory``) bound a device's free bytes to its cap less what the load already ``used``
+    there; a cap for a device not in ``devices`` is a ``DeviceError``.
     """
+    caps = caps or {}
+    unknown = sorted(set(caps) - {device.name for device in devices})
+    if unknown:
+        names = [device.name for device in devices]
+        raise DeviceError(unknown[0], f"max_memory names a device the load does not use: {names}")
     rows = []
     for device in devices:
         free = device.live_free_bytes() - STATE.reservations.held_by_others(
             owner, device.ledger_key
         )
-        if device.is_gpu:
-            free -= scratch
+        cap = caps.get(device.name)
+        if cap is not None:
+            free = min(free, cap - (used or {}).get(device.name, 0))
         rows.append(
             DeviceCapacity(
                 name=device.name,

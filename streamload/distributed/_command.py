@@ -20,6 +20,7 @@ from streamload._cmdline import (
     UsageError,
     arg_type,
     configured_logging,
+    devices_from_args,
     parse_device,
     parse_size,
 )
@@ -119,15 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _devices(args: argparse.Namespace, local_rank: int) -> list[Any]:
-    from streamload.testing import SimulatedGPU
-
-    devices: list[Any] = []
-    for arg in args.device or []:
-        if arg.total_bytes is None:
-            devices.append(arg.name)
-        else:
-            devices.append(SimulatedGPU(arg.name, total_bytes=arg.total_bytes))
+def _devices(args: argparse.Namespace, local_rank: int) -> tuple[list[Any], dict[str, int]]:
+    devices, caps = devices_from_args(args.device or [], cpu=False)
     if not devices and torch.cuda.is_available():
         if args.all_local_gpus:
             devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -135,7 +129,7 @@ def _devices(args: argparse.Namespace, local_rank: int) -> list[Any]:
             devices = [f"cuda:{local_rank}"]
     if not args.no_cpu:
         devices.append("cpu")
-    return devices
+    return devices, caps
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,8 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         return _fail(rank, str(exc))
     try:
+        devices, caps = _devices(args, int(os.environ.get("LOCAL_RANK", "0")))
         params = LoadParams(
-            devices=_devices(args, int(os.environ.get("LOCAL_RANK", "0"))),
+            devices=devices,
+            max_memory=caps or None,
             dtype=args.dtype,
             max_seq_len=args.max_seq_len,
             max_batch_size=args.max_batch_size,

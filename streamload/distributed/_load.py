@@ -134,7 +134,7 @@ def _survey(path: Path, params: LoadParams, rank: int, host: str) -> _Local:
         spec = inspect(path, target_dtype=params.target_code)
         phase = "probing its devices"
         devices = resolve_devices(params.devices)
-        caps = tuple(capacities(devices))
+        caps = tuple(capacities(devices, caps=params.memory_caps))
     except Exception as exc:  # every rank must hear of it, whatever it is
         failure = _Failure.of(exc, rank=rank, host=host, phase=phase)
         return _Local(_Survey(rank, host, None, "", settings, failure), None)

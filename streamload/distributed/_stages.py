@@ -338,14 +338,10 @@ def _forecast(
     tied: tuple[str, ...],
     share: int | None,
 ) -> Stage:
-    """The stage with its local plan, planned as the engine will (conversion scratch kept
-    free on GPUs); ``RankFailedError`` if it does not fit the rank."""
+    """The stage with its local plan, planned as the engine will; ``RankFailedError`` if it
+    does not fit the rank."""
     sub = _sub_spec(spec, start, stop, parts, tied)
-    scratch = planner.conversion_scratch(sub)
-    caps = [
-        dataclasses.replace(cap, free_bytes=max(cap.free_bytes - scratch, 0)) if cap.is_gpu else cap
-        for cap in rank.devices
-    ]
+    caps = list(rank.devices)
     local = params if share is None else dataclasses.replace(params, cpu_memory_bytes=share)
     try:
         plan = planner.plan(sub, caps, local)

@@ -1,18 +1,23 @@
 """The budget: what each device's plan still needs, live rechecks, reservations, re-plans.
 
 Before a unit is allocated on a GPU its device's live free memory (minus what other loads in
-this process reserved there, plus this load's raw conversion buffers, which are freed soon,
-minus the conversion scratch the plan must leave) must cover what the device's plan still
-needs: its unplaced weights, the KV cache of all its layers, its activations and its reserve
-(``need_rest``). Otherwise, or when an allocation fails, the layers not yet placed are
-re-planned over live capacities (``replan``). The budget returns the events this causes; the
-orchestrator emits them.
+this process reserved there, plus the conversion scratch this load already holds there) must
+cover what the device's plan still needs: its unplaced weights, the KV cache of all its layers,
+its activations, its conversion scratch and its reserve (``need_rest``). Otherwise, or when an
+allocation fails, the layers not yet placed are re-planned over live capacities (``replan``).
+The budget returns the events this causes; the orchestrator emits them.
+
+A load reserves its whole plan when it plans, under one process-wide lock with reading the
+capacities, so loads that start together plan around each other; the reservation shrinks as
+units are allocated and goes when the load ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 
 import anyio
 import anyio.to_thread
@@ -33,8 +38,8 @@ __all__ = ["Budget"]
 
 class Budget:
     """One load's plan and what it holds in the process-wide ledger (``STATE.reservations``,
-    under this object as owner). ``scratch`` is the conversion scratch left free on every GPU;
-    ``transient`` counts the load's raw conversion buffers alive per device."""
+    under this object as owner). ``transient`` counts the conversion scratch the load holds
+    per device (what the plan's ``scratch_bytes`` stand for, once allocated)."""
 
     def __init__(
         self,
@@ -42,14 +47,14 @@ class Budget:
         devices: list[Device],
         params: LoadParams,
         *,
-        scratch: int,
         transient: Transient,
     ) -> None:
         self._spec = spec
         self._devices = {device.name: device for device in devices}
         self._params = params
-        self._scratch = scratch
         self._transient = transient
+        self._caps = params.memory_caps
+        self._used: dict[str, int] = {}  # weights this load allocated per device (for caps)
         self.plan: Plan | None = None
         self.replans: list[Replanned] = []
         self.fallbacks: list[PagedAttentionDisabled] = []
@@ -62,16 +67,27 @@ class Budget:
     async def first_plan(self) -> tuple[float, list[Event]]:
         """Plan over live capacities and reserve the plan; returns the planner's seconds and
         the fallback event if the plan had to give up paged attention."""
-        devices = list(self._devices.values())
-        caps = await anyio.to_thread.run_sync(lambda: capacities(devices, scratch=self._scratch))
-        started = time.perf_counter()
-        self.plan = await anyio.to_thread.run_sync(planner.plan, self._spec, caps, self._params)
-        seconds = time.perf_counter() - started
-        self.reserve(0, self._spec.non_mapped_bytes)
+        seconds = await anyio.to_thread.run_sync(self._plan_and_reserve)
+        assert self.plan is not None
         events: list[Event] = []
         if self.plan.paged_attention_reason is not None:
             events.append(self._fallback(self.plan.paged_attention_reason))
         return seconds, events
+
+    def _plan_and_reserve(self) -> float:
+        """Read capacities, plan and reserve the whole plan under ``STATE.planning``: a load
+        that starts at the same moment reads capacities only once this one's plan is held
+        (blocking; returns the planner's seconds)."""
+        devices = list(self._devices.values())
+        with STATE.planning:
+            with STATE.ledger:
+                caps = capacities(devices, owner=self, caps=self._caps)
+            started = time.perf_counter()
+            self.plan = planner.plan(self._spec, caps, self._params)
+            seconds = time.perf_counter() - started
+            with STATE.ledger:
+                self.reserve(0, self._spec.non_mapped_bytes)
+        return seconds
 
     def device_for(self, unit: Unit) -> Device:
         plan = self.current
@@ -79,9 +95,34 @@ class Budget:
         return self._devices[name]
 
     def live_free(self, device: Device) -> int:
-        """``device``'s live free bytes less what other loads hold there (blocking)."""
-        held = STATE.reservations.held_by_others(self, device.ledger_key)
-        return device.live_free_bytes() - held
+        """``device``'s live free bytes less what other loads hold there (blocking). Read
+        under ``STATE.ledger``: never between another load's allocation and the update of its
+        reservation, which would count the same bytes twice."""
+        with STATE.ledger:
+            held = STATE.reservations.held_by_others(self, device.ledger_key)
+            return device.live_free_bytes() - held
+
+    @contextlib.contextmanager
+    def allocating(self, device: Device) -> Iterator[None]:
+        """Hold ``STATE.ledger`` while allocating on a GPU and updating the reservation
+        (nothing to hold for the host, which is not reserved)."""
+        if not device.is_gpu:
+            yield
+            return
+        with STATE.ledger:
+            yield
+
+    def allocated(self, device: Device, nbytes: int) -> None:
+        """This load now holds ``nbytes`` more weights on ``device`` (negative: fewer)."""
+        self._used[device.name] = self._used.get(device.name, 0) + nbytes
+
+    def have(self, device: Device, live: int) -> int:
+        """What ``device`` offers the rest of its plan: the live reading (``live_free``) plus
+        the scratch this load holds there, within its ``max_memory`` cap less what the load's
+        weights already take there."""
+        have = live + self.slack(device)
+        cap = self._caps.get(device.name)
+        return have if cap is None else min(have, cap - self._used.get(device.name, 0))
 
     def need_rest(self, device: str, next_layer: int, parts_left: int) -> int:
         """What ``device``'s plan still needs: unplaced weights + KV + activations + reserve."""
@@ -97,23 +138,25 @@ class Budget:
         kv = sum(
             kv for d, kv in zip(plan.layer_devices, plan.layer_kv_bytes, strict=True) if d == device
         )
-        return weights + kv + row.activation_bytes + row.reserve_bytes
+        return weights + kv + row.activation_bytes + row.scratch_bytes + row.reserve_bytes
 
     def slack(self, device: Device) -> int:
-        """Bytes to add to a live reading to compare it with the plan: this load's raw
-        conversion buffers (freed soon) minus the conversion scratch the plan must leave."""
+        """Bytes to add to a live reading to compare it with the plan: the conversion scratch
+        this load already holds there (the plan's ``scratch_bytes`` count it as still needed)."""
         if not device.is_gpu:
             return 0
-        return self._transient.get(device.name) - self._scratch
+        return self._transient.get(device.name)
 
     def reserve(self, next_layer: int, parts_left: int) -> None:
-        """Hold, for other loads in this process, what this load still needs per GPU (one
-        step: the ledger never shows this load between its old and new reservations)."""
+        """Hold, for other loads in this process, what this load still needs per GPU and has not
+        allocated yet (one step: the ledger never shows this load between its old and new
+        reservations)."""
         held: dict[str, int] = {}
         for row in self.current.devices:
             if not row.is_gpu:
                 continue
             nbytes = self.need_rest(row.device, next_layer, parts_left) - row.reserve_bytes
+            nbytes -= self._transient.get(row.device)
             if nbytes > 0:
                 key = self._devices[row.device].ledger_key
                 held[key] = held.get(key, 0) + nbytes
@@ -132,7 +175,7 @@ class Budget:
                     name=device.name,
                     is_gpu=device.is_gpu,
                     total_bytes=device.total_bytes(),
-                    free_bytes=max(self.live_free(device) + self.slack(device), 0),
+                    free_bytes=max(self.have(device, self.live_free(device)), 0),
                 )
             )
         return rows

@@ -9,13 +9,19 @@ the device's kind, then one allocation (``Destinations.allocate``):
   bytes' position in a cache line (``_hostmem.lead``) so the kernel's copy out of the page
   cache runs co-aligned; converted tensors follow, cache-line aligned;
 - on any other device, one ``device.empty`` per tensor (a GPU's allocator places them, and a
-  simulated GPU charges and credits each);
+  simulated GPU charges and credits each), raw conversion buffers carved from the device's
+  conversion scratch: one allocation of ``planner.conversion_scratch`` bytes, made with the
+  device's first unit that converts and kept to the end of the load; the device's units take
+  its start and its end by turns (at most two units are in flight on a GPU, the scratch holds
+  any two consecutive ones, and a unit is placed only once converted, so its end of the
+  scratch is free again when its turn comes);
 - under ``cpu_policy="mmap"``, tensors on the CPU that keep their stored dtype are
   copy-on-write maps of the checkpoint (zero copy) instead.
 
 A tensor whose dtype changes is read into a raw buffer in its stored dtype and converted on its
-device once read (``Destinations.complete``). Raw buffers still alive are counted per device in
-``Transient`` (read by the budget from the event loop, written from worker threads: locked).
+device once read (``Destinations.complete``). The conversion scratch a load holds is counted per
+device in ``Transient`` (read by the budget from the event loop, written from worker threads:
+locked): it is what the plan's ``scratch_bytes`` stand for.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from streamload.engine._units import (
 )
 from streamload.model import ModelSpec
 from streamload.params import LoadParams, torch_dtype
+from streamload.planner import SCRATCH_ALIGN
 from streamload.sources import SourceFiles
 
 __all__ = ["Destinations", "Layout", "Transient", "layout"]
@@ -74,7 +81,7 @@ def layout(device: Device, params: LoadParams, warm: Callable[[], bool]) -> Layo
 
 
 class Transient:
-    """Bytes of raw conversion buffers alive per device (thread-safe)."""
+    """Bytes of conversion scratch a load holds per device (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -101,14 +108,39 @@ class _Tensors:
     huge_bytes: int
 
 
-class Destinations:
-    """Allocates units' tensors and completes them (all calls blocking: worker threads)."""
+@dataclass(slots=True)
+class _Scratch:
+    """One GPU's conversion scratch and whose turn it is."""
 
-    def __init__(self, spec: ModelSpec, params: LoadParams, files: SourceFiles) -> None:
+    block: torch.Tensor  # uint8, ``scratch`` bytes on the device
+    turns: int = 0
+
+    def region(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` at the start of the scratch, or at its end, by turns (the turn passes
+        only once the unit's allocation succeeded: ``taken``)."""
+        size = self.block.numel()
+        start = 0 if self.turns % 2 == 0 else size - nbytes
+        return self.block[start : start + nbytes]
+
+    def taken(self) -> None:
+        self.turns += 1
+
+
+class Destinations:
+    """Allocates units' tensors and completes them (all calls blocking: worker threads).
+
+    ``scratch`` is the conversion scratch a GPU gets (``planner.conversion_scratch``)."""
+
+    def __init__(
+        self, spec: ModelSpec, params: LoadParams, files: SourceFiles, scratch: int
+    ) -> None:
         self._spec = spec
         self._params = params
         self._target = params.target_code
         self._files = files
+        self._scratch_bytes = scratch
+        self._scratch: dict[str, _Scratch] = {}
+        self._lock = threading.Lock()
         self.transient = Transient()
 
     def allocate(self, unit: Unit, device: Device, how: Layout, free_before: int) -> InFlight:
@@ -118,7 +150,6 @@ class Destinations:
         started = time.perf_counter()
         got = self._block(unit, how) if how.block else self._per_tensor(unit, device, how)
         raw_bytes = sum(t.nbytes for t in got.raw.values())
-        self.transient.add(device.name, raw_bytes)
         chunks = cut_chunks(got.items, read_chunk_bytes(self._params.chunk_bytes, device.staged))
         got.items.clear()
         return InFlight(
@@ -139,7 +170,26 @@ class Destinations:
             fence.wait()
         for name in list(flight.raw):
             flight.final[name].copy_(flight.raw.pop(name))
-        self.transient.add(flight.device.name, -flight.raw_bytes)
+
+    def release(self) -> None:
+        """Give back every device's conversion scratch (the load is over)."""
+        with self._lock:
+            for name, scratch in self._scratch.items():
+                self.transient.add(name, -scratch.block.nbytes)
+            self._scratch.clear()
+
+    def _raw_space(self, unit: Unit, device: Device) -> _Scratch | None:
+        """``device``'s conversion scratch (made on first use; ``torch.OutOfMemoryError`` if the
+        device refuses it), or ``None`` when ``unit`` converts nothing."""
+        if unit.raw_bytes == 0:
+            return None
+        with self._lock:
+            scratch = self._scratch.get(device.name)
+            if scratch is None:
+                block = device.empty((self._scratch_bytes,), torch.uint8)
+                scratch = self._scratch[device.name] = _Scratch(block)
+                self.transient.add(device.name, block.nbytes)
+            return scratch
 
     def _converts(self, entry: TensorEntry) -> bool:
         return converts(self._spec, self._target, entry)
@@ -148,18 +198,22 @@ class Destinations:
         return torch_dtype(self._spec.placed_dtype(entry.name))
 
     def _per_tensor(self, unit: Unit, device: Device, how: Layout) -> _Tensors:
-        """``unit``'s tensors from ``device.empty``, one allocation each."""
+        """``unit``'s tensors from ``device.empty``, one allocation each; raw buffers from the
+        device's conversion scratch."""
         got = _Tensors({}, {}, [], 0)
+        scratch = self._raw_space(unit, device)
+        space = None if scratch is None else scratch.region(unit.raw_bytes)
+        used = 0
         try:
             for entry in unit.entries:
                 stored = torch_dtype(entry.dtype)
                 if self._converts(entry):
+                    assert space is not None
                     got.final[entry.name] = device.empty(
                         entry.shape, self._placed(entry), huge_pages=how.huge_pages
                     )
-                    got.raw[entry.name] = dst = device.empty(
-                        entry.shape, stored, huge_pages=how.huge_pages
-                    )
+                    got.raw[entry.name] = dst = _carve_raw(space, used, entry, stored)
+                    used += -(-entry.nbytes // SCRATCH_ALIGN) * SCRATCH_ALIGN
                 elif how.mmap:
                     got.final[entry.name] = self._mmap(entry, stored)
                     continue
@@ -178,6 +232,8 @@ class Destinations:
             got.raw.clear()
             got.items.clear()
             raise
+        if scratch is not None:
+            scratch.taken()
         return got
 
     def _block(self, unit: Unit, how: Layout) -> _Tensors:
@@ -216,6 +272,18 @@ class Destinations:
             mapping, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset - start
         )
         return flat.view(dtype).view(entry.shape)
+
+
+def _carve_raw(
+    space: torch.Tensor, at: int, entry: TensorEntry, dtype: torch.dtype
+) -> torch.Tensor:
+    """``entry``'s raw buffer: its stored bytes at ``at`` in a conversion scratch half."""
+    view = space[at : at + entry.nbytes]
+    return (
+        view.view(dtype).view(entry.shape)
+        if entry.nbytes
+        else torch.empty(entry.shape, dtype=dtype)
+    )
 
 
 def _byte_view(tensor: torch.Tensor) -> torch.Tensor:

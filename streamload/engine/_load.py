@@ -131,7 +131,10 @@ class _Load:
                 if self.parts.verifier is not None:
                     self.parts.verifier.clear()
                 with anyio.CancelScope(shield=True):
+                    # Copies still in flight may write into the conversion scratch: the reader
+                    # waits for them before the scratch goes.
                     await anyio.to_thread.run_sync(self.parts.reader.close)
+                self.parts.destinations.release()
 
     async def _setup(self) -> _Parts:
         params = self.params
@@ -147,8 +150,8 @@ class _Load:
         verifier = Verifier(spec, files, source.checksums) if params.verify else None
         feed = None if verifier is None else verifier.feed
         reader = Reader(spec, params, self._filled, files, feed)
-        destinations = Destinations(spec, params, files)
-        budget = Budget(spec, devices, params, scratch=scratch, transient=destinations.transient)
+        destinations = Destinations(spec, params, files, scratch)
+        budget = Budget(spec, devices, params, transient=destinations.transient)
         return _Parts(
             spec, unit_list, budget, reader, destinations, PageCache(files), scratch, verifier
         )
@@ -185,7 +188,6 @@ class _Load:
             flight = await self._allocate(unit, parts_left)
             if unit.layer is None:
                 parts_left -= unit.nbytes
-            p.budget.reserve(unit.layer + 1 if unit.layer is not None else 0, parts_left)
             self.inflight.append(flight)
             p.reader.start(flight, group)
 
@@ -252,14 +254,16 @@ class _Load:
             live: int | None = None  # host memory: read in the allocating call (one hop less)
             if device.is_gpu:
                 live = await anyio.to_thread.run_sync(budget.live_free, device)
-                have = live + budget.slack(device)
+                have = budget.have(device, live)
                 if have < need:
                     reason = "under-delivered: live free memory is below what its plan still needs"
                     events = await budget.replan(unit, device.name, reason, need, have, parts_left)
                     await self._emit(*events)
                     continue
             try:
-                return await anyio.to_thread.run_sync(self._allocate_sync, unit, device, live)
+                return await anyio.to_thread.run_sync(
+                    self._allocate_sync, unit, device, live, parts_left
+                )
             except torch.OutOfMemoryError as exc:
                 reason = f"allocation failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
                 del exc
@@ -272,12 +276,22 @@ class _Load:
                 )
                 await self._emit(*events)
 
-    def _allocate_sync(self, unit: Unit, device: Device, live: int | None) -> InFlight:
-        """Allocate ``unit`` on ``device`` (blocking); ``live``: the free memory read before,
-        or ``None`` to read it here first."""
+    def _allocate_sync(
+        self, unit: Unit, device: Device, live: int | None, parts_left: int
+    ) -> InFlight:
+        """Allocate ``unit`` on ``device`` (blocking) and shrink the load's reservation by what
+        it took, in one step for other loads' readings (``Budget.allocating``); ``live``: the
+        free memory read before, or ``None`` to read it here first."""
+        budget = self.p.budget
         if live is None:
-            live = self.p.budget.live_free(device)
-        return self.p.destinations.allocate(unit, device, self._layout(unit, device), live)
+            live = budget.live_free(device)
+        how = self._layout(unit, device)
+        with budget.allocating(device):
+            flight = self.p.destinations.allocate(unit, device, how, live)
+            budget.allocated(device, unit.nbytes)
+            after = parts_left - unit.nbytes if unit.layer is None else parts_left
+            budget.reserve(unit.layer + 1 if unit.layer is not None else 0, after)
+        return flight
 
     async def _finish(self, flight: InFlight) -> None:
         await flight.done.wait()

@@ -84,11 +84,17 @@ Re-plan (``replan``)
 
 from __future__ import annotations
 
-from streamload.planner._sizes import conversion_scratch, estimate_activations, raw_bytes
+from streamload.planner._sizes import (
+    SCRATCH_ALIGN,
+    conversion_scratch,
+    estimate_activations,
+    raw_bytes,
+)
 from streamload.planner._solve import plan, replan
 from streamload.planner._types import DeviceCapacity, DevicePlan, Plan
 
 __all__ = [
+    "SCRATCH_ALIGN",
     "DeviceCapacity",
     "DevicePlan",
     "Plan",

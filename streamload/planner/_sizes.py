@@ -3,6 +3,7 @@ by CPU policy, and the conversion scratch a load keeps free on every GPU."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,21 +27,32 @@ _MIB = 2**20
 # Sizes: activations, KV cache, weights, conversion scratch
 
 
+SCRATCH_ALIGN = 64  # each raw buffer in a device's conversion scratch starts on a cache line
+
+
 def raw_bytes(spec: ModelSpec, tensors: Sequence[str]) -> int:
-    """Stored bytes of those of ``tensors`` whose dtype changes when placed: a load reads them
-    into raw buffers in the stored dtype on the device and converts them there."""
+    """Bytes of raw buffers for those of ``tensors`` whose dtype changes when placed: a load
+    reads them in their stored dtype into buffers on the device and converts them there. Each
+    buffer is rounded up to ``SCRATCH_ALIGN`` bytes, as the engine lays them out."""
     entries = spec.checkpoint.tensors
-    return sum(entries[n].nbytes for n in tensors if spec.placed_dtype(n) != entries[n].dtype)
+    return sum(
+        -(-entries[n].nbytes // SCRATCH_ALIGN) * SCRATCH_ALIGN
+        for n in tensors
+        if spec.placed_dtype(n) != entries[n].dtype
+    )
 
 
 def conversion_scratch(spec: ModelSpec) -> int:
-    """What a load of ``spec`` keeps free on every GPU for conversion: twice the largest
-    unit's ``raw_bytes`` (a unit's raw buffers live until it is converted, and two units are
-    in flight at once)."""
+    """What a load of ``spec`` takes on each GPU it places anything on, for conversion: room for
+    the raw buffers of two units streamed one after the other (the most any two adjacent units'
+    ``raw_bytes`` add up to), as at most two units are in flight on a GPU and a GPU's units are
+    consecutive in the stream. 0 when nothing changes dtype."""
     if spec.target_dtype is None:
         return 0
     units = [part.tensors for part in spec.non_mapped] + [layer.tensors for layer in spec.layers]
-    return 2 * max((raw_bytes(spec, unit) for unit in units), default=0)
+    raw = [raw_bytes(spec, unit) for unit in units]
+    pairs = [a + b for a, b in itertools.pairwise(raw)]
+    return max([*raw, *pairs], default=0)
 
 
 def estimate_activations(spec: ModelSpec, params: LoadParams) -> Activations:

@@ -19,6 +19,7 @@ from streamload.planner._sizes import (
     _initial_blocks,
     _Kv,
     _pool_kv,
+    conversion_scratch,
     estimate_activations,
 )
 from streamload.planner._types import DeviceCapacity, DevicePlan, Plan
@@ -255,6 +256,7 @@ class _Problem:
     spec: ModelSpec
     acts: Activations
     kv: _Kv
+    scratch: int  # conversion scratch per GPU that holds anything (``conversion_scratch``)
 
 
 def _layer_weight(p: _Problem, slot: _Slot, i: int) -> int:
@@ -272,10 +274,17 @@ def _activation(p: _Problem, slot: _Slot, holds_layers: bool) -> int:
     return p.acts.mapped if holds_layers else 0
 
 
+def _scratch(p: _Problem, slot: _Slot, holds_layers: bool) -> int:
+    """The conversion scratch, on a GPU that holds anything (the primary always does)."""
+    return p.scratch if slot.is_gpu and (slot.primary or holds_layers) else 0
+
+
 def _fixed(p: _Problem, slot: _Slot, holds_layers: bool) -> int:
-    """Charges before any new layer: fixed weights, KV of placed layers, activations."""
+    """Charges before any new layer: fixed weights, KV of placed layers, activations,
+    conversion scratch."""
     kv = sum(p.kv.layer_bytes[i] for i in slot.loaded)
-    return slot.fixed_weight + kv + _activation(p, slot, holds_layers or bool(slot.loaded))
+    holds = holds_layers or bool(slot.loaded)
+    return slot.fixed_weight + kv + _activation(p, slot, holds) + _scratch(p, slot, holds)
 
 
 def _room(p: _Problem, slot: _Slot) -> int:
@@ -334,7 +343,7 @@ def _solve(
         if isinstance(attempt, Plan):
             return attempt
         reason = attempt.reason
-    p = _Problem(spec, acts, _contiguous_kv(spec, params))
+    p = _Problem(spec, acts, _contiguous_kv(spec, params), conversion_scratch(spec))
     _check_fixed(p, slots)
     new = _fill(p, slots, start)
     if _end(new, start) < len(spec.layers):
@@ -358,7 +367,9 @@ def _solve_paged(
         )
     dtype = _cache_dtype(spec, paged)
     blocks = _initial_blocks(spec, params, paged, dtype)
-    p = _Problem(spec, acts, _pool_kv(spec, dtype, blocks, paged.block_size))
+    p = _Problem(
+        spec, acts, _pool_kv(spec, dtype, blocks, paged.block_size), conversion_scratch(spec)
+    )
     gpu_slots = tuple(_paged_slot(slot, paged) for slot in slots)
     _check_fixed(p, gpu_slots)
     new = _fill(p, gpu_slots, start)
@@ -392,7 +403,7 @@ def _utilization_blocks(
         if not layers or block == 0:
             continue
         weights = slot.fixed_weight + sum(_layer_weight(p, slot, i) for i in extra)
-        spare = slot.limit - weights - _activation(p, slot, True)
+        spare = slot.limit - weights - _activation(p, slot, True) - _scratch(p, slot, True)
         affordable.append(spare // block)
     blocks = min(affordable)
     assert p.kv.blocks is not None
@@ -448,6 +459,7 @@ def _row(p: _Problem, slot: _Slot, extra: tuple[int, ...], cursor: int) -> Devic
         weight_bytes=slot.fixed_weight + sum(_layer_weight(p, slot, i) for i in extra),
         kv_bytes=sum(p.kv.layer_bytes[i] for i in layers),
         activation_bytes=_activation(p, slot, holds),
+        scratch_bytes=_scratch(p, slot, holds),
         reserve_bytes=slot.reserve if holds or slot.primary else 0,
         capacity_bytes=slot.capacity,
         note=_note(p, slot, extra, cursor),
@@ -474,7 +486,8 @@ def _note(p: _Problem, slot: _Slot, extra: tuple[int, ...], cursor: int) -> str 
         f"weights + {format_bytes(layer)} KV, but {format_bytes(max(room, 0))} is left of "
         f"{format_bytes(max(slot.limit, 0))} after fixed charges "
         f"({format_bytes(_fixed(p, slot, True))}: non-mapped parts, placed layers, "
-        f"activations); {slot.budget_text}"
+        f"activations, conversion scratch {format_bytes(_scratch(p, slot, True))}); "
+        f"{slot.budget_text}"
     )
 
 
@@ -503,7 +516,8 @@ def _breakdown(
             detail=(
                 f"layers {_span(row.layers)}; weights {format_bytes(row.weight_bytes)}, "
                 f"KV {format_bytes(row.kv_bytes)}, activations "
-                f"{format_bytes(row.activation_bytes)}, reserve {format_bytes(row.reserve_bytes)}"
+                f"{format_bytes(row.activation_bytes)}, conversion scratch "
+                f"{format_bytes(row.scratch_bytes)}, reserve {format_bytes(row.reserve_bytes)}"
                 f"; {slot.budget_text}"
             ),
         )
@@ -543,8 +557,10 @@ def _check_fixed(p: _Problem, slots: Sequence[_Slot]) -> None:
             what = (
                 f"the primary device {slot.name} cannot hold the non-mapped parts: weights "
                 f"{format_bytes(slot.fixed_weight)} + activations "
-                f"{format_bytes(_activation(p, slot, False))} exceed its budget of "
-                f"{format_bytes(slot.limit)}; put a device with more free memory first"
+                f"{format_bytes(_activation(p, slot, False))} + conversion scratch "
+                f"{format_bytes(_scratch(p, slot, False))} exceed its budget of "
+                f"{format_bytes(slot.limit)} (free {format_bytes(slot.capacity)} - reserve "
+                f"{format_bytes(slot.reserve)}); put a device with more free memory first"
             )
         row = DeviceNeed(
             device=slot.name,

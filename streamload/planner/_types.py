@@ -37,8 +37,9 @@ class DevicePlan:
     ``reserve_bytes``: free memory (GPU) or the host budget (CPU); in a re-plan, live free
     memory plus ``loaded_bytes``, the weights of this model already allocated there (the CPU
     with ``cpu_memory_bytes`` set keeps that budget), so that ``need_bytes <= capacity_bytes``
-    reads the same in both. ``note`` says why a device holds
-    no (further) layers.
+    reads the same in both. ``scratch_bytes`` is the conversion scratch a load takes on a GPU
+    it places anything on (``planner.conversion_scratch``): with the weights, every byte a load
+    allocates there. ``note`` says why a device holds no (further) layers.
     """
 
     device: str
@@ -53,10 +54,22 @@ class DevicePlan:
     note: str | None = None
     mmap_bytes: int = 0
     loaded_bytes: int = 0
+    scratch_bytes: int = 0
 
     @property
     def need_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.reserve_bytes
+        return (
+            self.weight_bytes
+            + self.kv_bytes
+            + self.activation_bytes
+            + self.scratch_bytes
+            + self.reserve_bytes
+        )
+
+    @property
+    def load_bytes(self) -> int:
+        """What a load allocates on this device: its weights and conversion scratch."""
+        return self.weight_bytes + self.scratch_bytes
 
     @property
     def headroom_bytes(self) -> int:
@@ -72,6 +85,7 @@ class DevicePlan:
             "weight_bytes": self.weight_bytes,
             "kv_bytes": self.kv_bytes,
             "activation_bytes": self.activation_bytes,
+            "scratch_bytes": self.scratch_bytes,
             "reserve_bytes": self.reserve_bytes,
             "capacity_bytes": self.capacity_bytes,
             "need_bytes": self.need_bytes,
@@ -97,6 +111,7 @@ class DevicePlan:
             note=None if data.get("note") is None else str(data["note"]),
             mmap_bytes=int(data.get("mmap_bytes", 0)),
             loaded_bytes=int(data.get("loaded_bytes", 0)),
+            scratch_bytes=int(data.get("scratch_bytes", 0)),
         )
 
 
