@@ -18,6 +18,7 @@ import anyio
 import boto3
 import huggingface_hub.constants
 import pytest
+import torch
 from moto.server import ThreadedMotoServer
 
 import streamload
@@ -384,3 +385,15 @@ def test_no_partial_files_are_left_in_the_hub_cache(hub: tuple[Path, Path]) -> N
     with pytest.raises(streamload.SourceError):
         streamload.inspect("tiny-org/absent")
     assert before == sorted(files_under(cache))
+
+
+async def test_verify_holds_with_dtype_conversion_on_every_path(hub: tuple[Path, Path]) -> None:
+    """Converted tensors are read into conversion buffers, which later units reuse: chunks
+    that wait for their turn in the hash are copied, so ``verify`` passes on the CPU, a staged
+    and an unstaged simulated GPU alike."""
+    local, _ = hub
+    for device in ("cpu", SimulatedGPU("s", 2**30), SimulatedGPU("u", 2**30, staged=False)):
+        model = await streamload.load(REPO, params([device], dtype="bf16", verify=True))
+        assert_identical(model.tensors, reference(local), torch.bfloat16)
+        assert () == model.report.unverified
+        model.release()

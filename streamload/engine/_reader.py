@@ -141,9 +141,12 @@ def read_into(fd: int, views: list[memoryview], offset: int, path: Path, tensor:
 Feed = Callable[[Path, int, list[torch.Tensor], bool], None]
 
 
-def read_direct(files: SourceFiles, chunk: Chunk, feed: Feed | None = None) -> None:
+def read_direct(
+    files: SourceFiles, chunk: Chunk, feed: Feed | None = None, stable: bool = True
+) -> None:
     """Read ``chunk`` straight into its host destinations (blocking), faulting in first the
-    4 KiB pages the pieces say (``_hostmem.prefault``)."""
+    4 KiB pages the pieces say (``_hostmem.prefault``). ``stable``: the destinations keep
+    these bytes after the read (no conversion buffer, which a later unit may reuse)."""
     for piece in chunk.pieces:
         if piece.fault_from < len(piece.dst):
             _hostmem.prefault(piece.dst[piece.fault_from :])
@@ -154,7 +157,7 @@ def read_direct(files: SourceFiles, chunk: Chunk, feed: Feed | None = None) -> N
         for view in views:
             view.release()
     if feed is not None:
-        feed(chunk.path, chunk.offset, [piece.dst for piece in chunk.pieces], True)
+        feed(chunk.path, chunk.offset, [piece.dst for piece in chunk.pieces], stable)
 
 
 @dataclass(slots=True)
@@ -430,7 +433,7 @@ class Reader:
                 if flight.error is None and self._feed is None:
                     read_direct(self.files, chunk)
                 elif flight.error is None:
-                    read_direct(self.files, chunk, self._feed)
+                    read_direct(self.files, chunk, self._feed, not flight.raw)
             except Exception as exc:
                 error = exc
             if queue.read(flight, error):
