@@ -13,6 +13,7 @@ from streamload import events
 from streamload._api import inspect, plan
 from streamload.errors import (
     CheckpointError,
+    ChecksumError,
     ConfigError,
     CorruptHeaderError,
     DeviceError,
@@ -20,8 +21,11 @@ from streamload.errors import (
     IndexMismatchError,
     LoadError,
     MissingShardError,
+    ObjectChangedError,
     PlanError,
     ReplanLimitError,
+    SourceError,
+    SourceUnreachableError,
     StreamloadError,
     TruncatedDataError,
     UnsupportedDtypeError,
@@ -45,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "ChecksumError",
     "ConfigError",
     "ContextSize",
     "CorruptHeaderError",
@@ -59,10 +64,13 @@ __all__ = [
     "MbAmount",
     "MissingShardError",
     "ModelSpec",
+    "ObjectChangedError",
     "PagedAttention",
     "Plan",
     "PlanError",
     "ReplanLimitError",
+    "SourceError",
+    "SourceUnreachableError",
     "StreamloadError",
     "TruncatedDataError",
     "UnsupportedDtypeError",

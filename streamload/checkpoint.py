@@ -56,8 +56,10 @@ __all__ = [
     "Checkpoint",
     "ShardHeader",
     "TensorEntry",
+    "checked_checkpoint",
     "open_checkpoint",
     "parse_header",
+    "parse_index",
     "read_shard_header",
 ]
 
@@ -486,8 +488,6 @@ def _single(directory: Path, file: Path) -> Checkpoint:
 
 def _open_sharded(directory: Path, index: Path) -> Checkpoint:
     weight_map, shard_names = _read_index(index)
-    for shard in shard_names:
-        _check_shard_name(shard, index)
     root = _resolve(directory)
     resolved = root == directory
     listing = _listing(directory)
@@ -499,7 +499,20 @@ def _open_sharded(directory: Path, index: Path) -> Checkpoint:
         else:
             stored = path if resolved else root / shard
         headers.append(_read_shard(path, missing=MissingShardError, stored=stored))
+    return checked_checkpoint(root, index, weight_map, shard_names, headers)
 
+
+def checked_checkpoint(
+    root: Path,
+    index: Path,
+    weight_map: Mapping[str, str],
+    shard_names: list[str],
+    headers: list[ShardHeader],
+) -> Checkpoint:
+    """The checkpoint of ``headers`` (of ``shard_names``, in that order), checked against the
+    index's ``weight_map`` exactly as ``open_checkpoint`` checks a local one (pure: a source
+    that fetched the index and the headers itself uses it too)."""
+    directory = index.parent
     tensors = {entry.name: entry for header in headers for entry in header.tensors}
     placed = {
         e.name: shard for shard, h in zip(shard_names, headers, strict=True) for e in h.tensors
@@ -575,6 +588,20 @@ def _read_index(index: Path) -> tuple[dict[str, str], list[str]]:
         raw = index.read_bytes()
     except OSError as exc:
         raise CheckpointError(index, f"cannot read: {_os_problem(exc)}") from exc
+    return parse_index(raw, index)
+
+
+def parse_index(raw: bytes, index: Path) -> tuple[dict[str, str], list[str]]:
+    """Parse the bytes of ``*.index.json`` (pure): its ``weight_map`` and the shard names it
+    uses, sorted, each checked to stay inside the checkpoint. ``CorruptHeaderError`` naming
+    ``index`` when malformed."""
+    weight_map, shards = _parse_index(raw, index)
+    for shard in shards:
+        _check_shard_name(shard, index)
+    return weight_map, shards
+
+
+def _parse_index(raw: bytes, index: Path) -> tuple[dict[str, str], list[str]]:
     document = _load_json(raw, index, "index")
     if not isinstance(document, dict):
         raise CorruptHeaderError(index, f"index is a JSON {_kind(document)}, not an object")

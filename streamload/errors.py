@@ -9,7 +9,12 @@ Every error the library raises on purpose derives from one root, so a server can
     │   ├── UnsupportedDtypeError  a dtype code streamload does not know
     │   ├── TruncatedDataError     the file is shorter than its tensors (also: shrank mid-load)
     │   ├── MissingShardError      the index names a shard that is not there
-    │   └── IndexMismatchError     index and shards disagree (missing or duplicated tensor)
+    │   ├── IndexMismatchError     index and shards disagree (missing or duplicated tensor)
+    │   └── ChecksumError          a file's bytes do not hash to the checksum its source records
+    ├── SourceError                a hub id or object-store URL cannot be resolved or read
+    │   │                          (names the id and revision, or the URL, and the object)
+    │   ├── SourceUnreachableError the hub or the endpoint did not answer (refused, timed out)
+    │   └── ObjectChangedError     an object changed while it was being read (its ETag moved)
     ├── ConfigError                config.json missing, invalid, or lacking a field we need
     ├── PlanError                  no valid placement exists
     │   └── DoesNotFitError        with a per-device breakdown of capacity and need
@@ -30,12 +35,14 @@ Foreign exceptions (``json``, ``struct``, ``OSError``, ``pynvml.NVMLError``,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "CheckpointError",
+    "ChecksumError",
     "CollectiveError",
     "ConfigError",
     "CorruptHeaderError",
@@ -46,14 +53,28 @@ __all__ = [
     "IndexMismatchError",
     "LoadError",
     "MissingShardError",
+    "ObjectChangedError",
     "PlanError",
     "RankFailedError",
     "ReplanLimitError",
+    "SourceError",
+    "SourceUnreachableError",
     "StreamloadError",
     "TruncatedDataError",
     "UnsupportedDtypeError",
     "format_bytes",
+    "location",
 ]
+
+# An object-store URL carried in a ``Path`` (``Path("s3://b/k")`` reads ``s3:/b/k``): local
+# checkpoint paths are absolute, so a relative path that starts with a scheme is a URL.
+_URL_IN_PATH = re.compile(r"^([a-z][a-z0-9+.-]*):/(?!/)")
+
+
+def location(path: str | Path) -> str:
+    """How messages name a file: a local path as it is, an object's URL with its ``//``."""
+    text = str(path)
+    return _URL_IN_PATH.sub(r"\1://", text, count=1)
 
 
 def format_bytes(n: int) -> str:
@@ -77,7 +98,8 @@ class CheckpointError(StreamloadError):
         self.path = Path(path)
         self.tensor = tensor
         self.problem = problem
-        where = f"{self.path}" if tensor is None else f"{self.path}: tensor {tensor!r}"
+        where = location(self.path)
+        where = where if tensor is None else f"{where}: tensor {tensor!r}"
         super().__init__(f"{where}: {problem}")
 
 
@@ -101,6 +123,37 @@ class IndexMismatchError(CheckpointError):
     """The index and the shards disagree about which tensors exist and where."""
 
 
+class ChecksumError(CheckpointError):
+    """A file read in full does not hash to the sha256 its source records for it."""
+
+    def __init__(self, path: str | Path, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(path, f"sha256 {actual} does not match the recorded {expected}")
+
+
+class SourceError(StreamloadError):
+    """A model source (a hub repo id at a revision, an object-store URL) cannot be used.
+
+    ``source`` is the id or URL as given, ``revision`` the hub revision (``None`` for URLs).
+    """
+
+    def __init__(self, source: str, problem: str, *, revision: str | None = None) -> None:
+        self.source = source
+        self.revision = revision
+        self.problem = problem
+        where = source if revision is None else f"{source} (revision {revision!r})"
+        super().__init__(f"{where}: {problem}")
+
+
+class SourceUnreachableError(SourceError):
+    """The hub or the object store's endpoint refused the connection or did not answer in time."""
+
+
+class ObjectChangedError(SourceError):
+    """An object's ETag changed between planning and reading: it was overwritten mid-load."""
+
+
 class ConfigError(StreamloadError):
     """``config.json`` is missing, is not valid JSON, or lacks a field the estimate needs."""
 
@@ -108,7 +161,8 @@ class ConfigError(StreamloadError):
         self.path = Path(path)
         self.field = field
         self.problem = problem
-        where = f"{self.path}" if field is None else f"{self.path}: field {field!r}"
+        where = location(self.path)
+        where = where if field is None else f"{where}: field {field!r}"
         super().__init__(f"{where}: {problem}")
 
 
@@ -171,7 +225,7 @@ class LoadError(StreamloadError):
         self.path = None if path is None else Path(path)
         parts = []
         if self.path is not None:
-            parts.append(str(self.path))
+            parts.append(location(self.path))
         if tensor is not None:
             parts.append(f"tensor {tensor!r}")
         if layer is not None:

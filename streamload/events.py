@@ -31,6 +31,7 @@ __all__ = [
     "DeviceReport",
     "Event",
     "EventCallback",
+    "FileCheck",
     "LayerPlaced",
     "LayersMoved",
     "LoadCancelled",
@@ -88,8 +89,8 @@ class LayerPlaced:
     """One layer (``layer=None``: one non-mapped part, named by ``part``) is on its device.
 
     ``nbytes`` are bytes placed (target dtype), ``stored_bytes`` bytes read from disk, from the
-    shard ``files`` (names relative to the checkpoint); ``free_before``/``free_after`` the
-    device's live free bytes around the placement.
+    shard ``files`` (names relative to the checkpoint; objects by URL);
+    ``free_before``/``free_after`` the device's live free bytes around the placement.
 
     ``seconds`` runs from the allocation to the end of completion (copies waited for, dtypes
     converted). It is split by wall-clock spans measured by the stages themselves:
@@ -199,6 +200,18 @@ class DeviceReport:
 
 
 @dataclass(frozen=True, slots=True)
+class FileCheck:
+    """What ``LoadParams(verify=True)`` found for one file: ``verified`` when its bytes hashed to
+    ``sha256``, the checksum its source records; else ``reason`` says why it was not checked
+    (no checksum recorded, or not read in full)."""
+
+    file: str
+    verified: bool
+    sha256: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LoadReport:
     """What a finished load did.
 
@@ -208,7 +221,8 @@ class LoadReport:
     ``moves`` every ``LayersMoved``.
     ``staging_bytes`` is the staging ring's size; ``huge_page_bytes`` the bytes of placed host
     tensors in memory advised into transparent huge pages (whole 2 MiB stretches,
-    ``LoadParams.huge_pages``).
+    ``LoadParams.huge_pages``). ``checks`` holds one ``FileCheck`` per file under
+    ``LoadParams(verify=True)`` (empty otherwise).
     """
 
     path: str
@@ -223,10 +237,16 @@ class LoadReport:
     staging_bytes: int = 0
     huge_page_bytes: int = 0
     moves: tuple[LayersMoved, ...] = ()
+    checks: tuple[FileCheck, ...] = ()
 
     @property
     def gb_per_s(self) -> float:
         return self.stored_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    @property
+    def unverified(self) -> tuple[FileCheck, ...]:
+        """The files a verifying load could not check (``checks`` that are not verified)."""
+        return tuple(check for check in self.checks if not check.verified)
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +360,8 @@ def event_fields(event: Event) -> dict[str, Any]:
             "fallbacks": [f.reason for f in report.fallbacks],
             "staging_bytes": report.staging_bytes,
             "huge_page_bytes": report.huge_page_bytes,
+            "verified": [c.file for c in report.checks if c.verified],
+            "unverified": [f"{c.file}: {c.reason}" for c in report.unverified],
             "devices": [
                 {
                     "device": d.device,

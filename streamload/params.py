@@ -277,6 +277,14 @@ class LoadParams:
     returned from torch's caching allocator (and its pinned staging ring from torch's pinned-host
     cache) to the driver, so other processes on the GPU can use it (``Device.release_cache``);
     ``False`` keeps it cached for this process's next allocations.
+
+    Sources (``streamload.sources``): ``revision`` is the branch, tag or commit a Hugging Face
+    repo id is resolved at; ``storage_options`` are object-store settings beyond the standard
+    environment (keys as obstore's store configs name them, e.g. ``"endpoint"``,
+    ``"region"``); ``connect_timeout`` (seconds) bounds how long an unreachable endpoint is
+    tried before the load fails. ``verify`` hashes every file the load reads in full and
+    compares it with the sha256 its source records (``ChecksumError`` on a mismatch; files
+    without one are listed as unverified in ``LoadReport.checks``).
     """
 
     devices: Literal["auto"] | Sequence[str | Device] = field(default_factory=_default_devices)
@@ -298,9 +306,18 @@ class LoadParams:
     huge_pages: bool | Literal["auto"] = "auto"
     empty_cache_on_failure: bool = True
     max_memory: Mapping[str, int | str] | None = None
+    revision: str = "main"
+    storage_options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    connect_timeout: float = 30.0
+    verify: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype_code(self.dtype))
+        object.__setattr__(self, "storage_options", MappingProxyType(dict(self.storage_options)))
+        if not self.revision:
+            raise ValueError("revision must be a branch, tag or commit, got an empty string")
+        if self.connect_timeout <= 0:
+            raise ValueError(f"connect_timeout must be positive, got {self.connect_timeout}")
         if not isinstance(self.devices, str):
             object.__setattr__(self, "devices", tuple(self.devices))
         elif self.devices != "auto":

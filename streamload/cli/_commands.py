@@ -51,7 +51,9 @@ __all__ = ["Setup", "main"]
 
 
 def _cmd_inspect(args: argparse.Namespace, out: Output) -> int:
-    spec = streamload.inspect(args.path, args.dtype)
+    spec = streamload.inspect(
+        args.path, args.dtype, params=streamload.LoadParams(revision=args.revision)
+    )
     summary = spec_summary(spec)
     if args.json:
         _json(summary)
@@ -109,11 +111,14 @@ def _setup(args: argparse.Namespace) -> Setup:
         paged_attention=paged,
         cpu_policy=args.cpu_policy,
         cpu_memory_bytes=args.cpu_memory,
+        revision=args.revision,
+        verify=getattr(args, "verify", False),
         **overrides,
     )
     given: list[DeviceArg] = args.device or []
     inputs = {
         "path": str(args.path),
+        "revision": params.revision,
         "devices": [
             {"name": d.name, "simulated": d.simulated, "total_bytes": d.total_bytes} for d in given
         ]

@@ -163,7 +163,7 @@ def _run_load(
 ) -> streamload.LoadedModel:
     """Load ``path`` with a live view (``out=None``: the progress bar only); ``on_event`` (the
     demo's tenant) runs after the view has shown each event, and may print through it."""
-    spec = streamload.inspect(path, params.dtype)
+    spec = streamload.inspect(path, params.dtype, params=params)
     headline = (
         f"loading {path}: {spec.facts.model_type}, {_plural(len(spec.layers), 'layer')}, "
         f"{format_bytes(spec.total_bytes)} ({spec.target_dtype or 'as stored'})"

@@ -66,8 +66,21 @@ def _dtype(text: str) -> str:
     return code
 
 
+_SOURCE_HELP = (
+    "checkpoint: a directory or .safetensors file, a hub repo id org/name, "
+    "or an object-store prefix s3://bucket/prefix (gs://, az://)"
+)
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help=_SOURCE_HELP)
+    parser.add_argument(
+        "--revision", default="main", help="hub branch, tag or commit (default: main)"
+    )
+
+
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", type=Path, help="checkpoint directory or .safetensors file")
+    _add_source_options(parser)
     parser.add_argument(
         "--device",
         action="append",
@@ -127,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="layers, bytes, dtypes and config facts")
-    inspect.add_argument("path", type=Path, help="checkpoint directory or .safetensors file")
+    _add_source_options(inspect)
     inspect.add_argument("--dtype", type=arg_type(_dtype), help="count bytes in this dtype")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(json_logs=False)
@@ -139,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     load = commands.add_parser("load", help="load with a live progress bar, then report")
     _add_plan_options(load)
     load.add_argument("--json-logs", action="store_true", help="log every event as JSON (stderr)")
+    load.add_argument(
+        "--verify", action="store_true", help="hash every file and check its recorded sha256"
+    )
 
     demo = commands.add_parser(
         "demo", help="write a small checkpoint and load it over two simulated GPUs and the CPU"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import streamload
 from streamload import events
-from streamload.errors import format_bytes
+from streamload.errors import format_bytes, location
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -176,8 +176,8 @@ def spec_summary(spec: streamload.ModelSpec) -> dict[str, Any]:
         row["tensors"] += 1
         row["bytes"] += entry.nbytes
     return {
-        "path": str(spec.checkpoint.root),
-        "files": [str(shard.path) for shard in spec.checkpoint.shards],
+        "path": location(spec.checkpoint.root),
+        "files": [location(shard.path) for shard in spec.checkpoint.shards],
         "tensors": len(spec.checkpoint.tensors),
         "target_dtype": spec.target_dtype,
         "activation_dtype": spec.activation_dtype,
@@ -436,6 +436,11 @@ def _show_report(model: streamload.LoadedModel, out: Output) -> None:
         out.line("fallbacks: " + "; ".join(f.reason for f in report.fallbacks))
     else:
         out.line("fallbacks: none")
+    if report.checks:
+        verified = sum(1 for check in report.checks if check.verified)
+        out.line(f"verified: {verified} of {len(report.checks)} files (sha256)")
+        for check in report.unverified:
+            out.line(f"  unverified {check.file}: {check.reason}")
 
 
 def report_summary(model: streamload.LoadedModel) -> dict[str, Any]:

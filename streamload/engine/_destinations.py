@@ -39,7 +39,7 @@ from streamload import _hostmem
 from streamload.checkpoint import TensorEntry
 from streamload.devices import Device
 from streamload.engine._flight import Completion, InFlight
-from streamload.engine._reader import Files, await_fence
+from streamload.engine._reader import await_fence
 from streamload.engine._units import (
     Destination,
     Unit,
@@ -50,6 +50,7 @@ from streamload.engine._units import (
 from streamload.model import ModelSpec
 from streamload.params import LoadParams, torch_dtype
 from streamload.planner import SCRATCH_ALIGN
+from streamload.sources import SourceFiles
 
 __all__ = ["Destinations", "Layout", "Transient", "layout"]
 
@@ -131,7 +132,9 @@ class Destinations:
 
     ``scratch`` is the conversion scratch a GPU gets (``planner.conversion_scratch``)."""
 
-    def __init__(self, spec: ModelSpec, params: LoadParams, files: Files, scratch: int) -> None:
+    def __init__(
+        self, spec: ModelSpec, params: LoadParams, files: SourceFiles, scratch: int
+    ) -> None:
         self._spec = spec
         self._params = params
         self._target = params.target_code

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,10 +22,12 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 import torch
 
+from streamload._api import resolve_source, spec_of
 from streamload.devices import Device, resolve_devices
 from streamload.engine import _boundary
 from streamload.engine._budget import Budget
@@ -32,8 +35,10 @@ from streamload.engine._destinations import Destinations, Layout, layout
 from streamload.engine._flight import Completion, InFlight, covered
 from streamload.engine._loaded import LoadedModel
 from streamload.engine._moves import Spills
-from streamload.engine._reader import PageCache, Reader, start_workers
+from streamload.engine._reader import Files, PageCache, Reader, start_workers
 from streamload.engine._units import Unit, units
+from streamload.engine._verify import Verifier
+from streamload.errors import location
 from streamload.events import (
     DeviceReport,
     Event,
@@ -52,7 +57,7 @@ from streamload.events import (
     emit,
     observers,
 )
-from streamload.model import ModelSpec, inspect
+from streamload.model import ModelSpec
 from streamload.params import LoadParams
 from streamload.planner import conversion_scratch
 
@@ -92,12 +97,25 @@ class _Parts:
     scratch: int
     header_seconds: float
     total_bytes: int  # every unit's bytes in the target dtype
+    verifier: Verifier | None
 
 
 def _files(unit: Unit, root: Path) -> tuple[str, ...]:
-    """The shard files ``unit`` is read from, relative to the checkpoint's root."""
+    """The shard files ``unit`` is read from, relative to the checkpoint's root (an object's
+    by its URL)."""
     paths = sorted({entry.path for entry in unit.entries})
-    return tuple(str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths)
+    return tuple(
+        location(p)
+        if _is_object(p)
+        else str(p.relative_to(root))
+        if p.is_relative_to(root)
+        else str(p)
+        for p in paths
+    )
+
+
+def _is_object(path: Path) -> bool:
+    return location(path) != str(path)
 
 
 def _released(tensors: list[torch.Tensor]) -> int:
@@ -184,7 +202,7 @@ def _cancelled(
 class _Load:
     def __init__(
         self,
-        path: Path,
+        path: str | os.PathLike[str],
         params: LoadParams,
         on_event: Observers,
         spec: ModelSpec | None,
@@ -249,6 +267,8 @@ class _Load:
         finally:
             if self.parts is not None:
                 self.parts.budget.release()
+                if self.parts.verifier is not None:
+                    self.parts.verifier.clear()
                 with anyio.CancelScope(shield=True):
                     # Copies still in flight may write into the conversion scratch; dropping it
                     # is safe all the same: a device keeps what its queued work touches (CUDA:
@@ -454,6 +474,7 @@ class _Load:
             ),
             staging_bytes=p.reader.staging_bytes,
             huge_page_bytes=self.huge_bytes,
+            checks=() if p.verifier is None else p.verifier.checks(),
         )
 
     def _release(self) -> tuple[int, int]:
@@ -494,28 +515,31 @@ def _release_caches(devices: list[Device]) -> None:
 
 
 async def _setup(
-    path: Path,
+    path: str | os.PathLike[str],
     params: LoadParams,
     given: ModelSpec | None,
     on_filled: Callable[[InFlight], None],
 ) -> _Parts:
-    """The stages of one load, handed their collaborators: the spec (``given``, else read from
-    the headers), the devices (their contexts made before any capacity is read: a GPU's
-    context takes memory when it is created), units, reader, destinations, budget."""
+    """The stages of one load, handed their collaborators: the source (a local checkpoint, a
+    hub id, an object-store URL; its headers read), the spec (``given``, else from the
+    headers), the devices (their contexts made before any capacity is read: a GPU's context
+    takes memory when it is created), units, reader, destinations, budget, verifier."""
     reading = time.perf_counter()
-    if given is not None:
-        spec = given
-    else:
-        spec = await anyio.to_thread.run_sync(
-            lambda: inspect(path, target_dtype=params.target_code)
-        )
-    header_seconds = time.perf_counter() - reading if given is None else 0.0
+    # A hub download in this thread checks the load's cancel scope as bytes arrive.
+    source = await anyio.to_thread.run_sync(
+        lambda: resolve_source(path, params, anyio.from_thread.check_cancelled)
+    )
+    spec = given or spec_of(source, params.target_code)
+    header_seconds = time.perf_counter() - reading
     devices = await anyio.to_thread.run_sync(resolve_devices, params.devices)
     await anyio.to_thread.run_sync(_prepare, devices)
     unit_list = units(spec)
     scratch = conversion_scratch(spec)
-    reader = Reader(spec, params, on_filled)
-    destinations = Destinations(spec, params, reader.files, scratch)
+    files = Files(spec) if source.objects is None else source.objects
+    verifier = Verifier(spec, files, source.checksums) if params.verify else None
+    feed = None if verifier is None else verifier.feed
+    reader = Reader(spec, params, on_filled, files, feed)
+    destinations = Destinations(spec, params, files, scratch)
     budget = Budget(spec, devices, params, transient=destinations.transient)
     return _Parts(
         spec,
@@ -524,21 +548,26 @@ async def _setup(
         budget,
         reader,
         destinations,
-        PageCache(reader.files),
+        PageCache(files),
         scratch,
         header_seconds,
         sum(unit.nbytes for unit in unit_list),
+        verifier,
     )
 
 
 async def load(
-    path: str | Path,
+    path: str | os.PathLike[str],
     params: LoadParams | None = None,
     *,
     on_event: Observers = None,
     spec: ModelSpec | None = None,
 ) -> LoadedModel:
     """Load the checkpoint at ``path`` onto the devices ``params`` names.
+
+    ``path`` is a local checkpoint, a Hugging Face repo id ``org/name`` (at
+    ``params.revision``, through huggingface_hub's cache) or an object-store URL
+    (``s3://bucket/prefix``, ``gs://``, ``az://``); see ``streamload.sources``.
 
     Runs under asyncio or trio (anyio). Events go to ``on_event`` (a plain or coroutine
     function, or a sequence of them such as ``streamload.metrics.PrometheusObserver``, each
@@ -556,7 +585,7 @@ async def load(
     as ``streamload.distributed`` builds per pipeline stage) instead of inspecting ``path``;
     it must come from the same checkpoint and the same target dtype as ``params``.
     """
-    return await _Load(Path(path), params or LoadParams(), on_event, spec).run()
+    return await _Load(path, params or LoadParams(), on_event, spec).run()
 
 
 def room_for(*, unplaced: int, to_gpu: bool, reading: int, raw: int, scratch: int) -> bool:

@@ -36,6 +36,7 @@ from streamload.engine._units import STAGING_ALIGN, Chunk, Unit, runs
 from streamload.errors import CheckpointError, StreamloadError, TruncatedDataError
 from streamload.model import ModelSpec
 from streamload.params import LoadParams
+from streamload.sources import SourceFiles
 
 __all__ = [
     "Files",
@@ -65,7 +66,10 @@ def host_view(tensor: torch.Tensor) -> memoryview:
 
 
 class Files:
-    """One read-only descriptor per shard for the whole load, checked against the headers."""
+    """One read-only descriptor per shard for the whole load, checked against the headers
+    (local files; ``streamload.sources.SourceFiles`` is the seam objects are read through)."""
+
+    local = True
 
     def __init__(self, spec: ModelSpec) -> None:
         self._fds: dict[Path, int] = {}
@@ -94,6 +98,14 @@ class Files:
                 f"expected {self._sizes[path]}",
             )
         return fd
+
+    def read(self, path: Path, views: list[memoryview], offset: int, tensor: str) -> None:
+        """Fill ``views`` from the shard at ``offset`` (``read_into``; blocking)."""
+        read_into(self.fd(path), views, offset, path, tensor)
+
+    def head(self, path: Path, nbytes: int) -> bytes:
+        """The shard's first ``nbytes`` (its prefix and header, for hashing; blocking)."""
+        return os.pread(self.fd(path), nbytes, 0)
 
     def close(self) -> None:
         with self._lock:
@@ -124,19 +136,31 @@ def read_into(fd: int, views: list[memoryview], offset: int, path: Path, tensor:
             pending[0] = pending[0][got:]
 
 
-def read_direct(files: Files, chunk: Chunk) -> ChunkTimes:
+# Called with a chunk's bytes once they are in host memory, in the reader thread: the file,
+# the offset, the bytes (uint8 host tensors, in file order) and whether they stay where they
+# are after the call (a destination) or are reused (a staging slot). ``LoadParams.verify``.
+Feed = Callable[[Path, int, list[torch.Tensor], bool], None]
+
+
+def read_direct(
+    files: SourceFiles, chunk: Chunk, feed: Feed | None = None, stable: bool = True
+) -> ChunkTimes:
     """Read ``chunk`` straight into its host destinations (blocking), faulting in first the
-    4 KiB pages the pieces say (``_hostmem.prefault``); returns when the read ran."""
+    4 KiB pages the pieces say (``_hostmem.prefault``); returns when the read ran.
+    ``stable``: the destinations keep these bytes after the read (no conversion buffer, which
+    a later unit may reuse)."""
     started = time.perf_counter()
     for piece in chunk.pieces:
         if piece.fault_from < len(piece.dst):
             _hostmem.prefault(piece.dst[piece.fault_from :])
     views = [host_view(piece.dst) for piece in chunk.pieces]
     try:
-        read_into(files.fd(chunk.path), views, chunk.offset, chunk.path, chunk.pieces[0].tensor)
+        files.read(chunk.path, views, chunk.offset, chunk.pieces[0].tensor)
     finally:
         for view in views:
             view.release()
+    if feed is not None:
+        feed(chunk.path, chunk.offset, [piece.dst for piece in chunk.pieces], stable)
     ended = time.perf_counter()
     return ChunkTimes(started, ended, ended)
 
@@ -164,7 +188,9 @@ class Slot:
     fence: Fence | None = None
 
 
-def read_staged(files: Files, device: Device, chunk: Chunk, slot: Slot) -> tuple[Fence, ChunkTimes]:
+def read_staged(
+    files: SourceFiles, device: Device, chunk: Chunk, slot: Slot, feed: Feed | None = None
+) -> tuple[Fence, ChunkTimes]:
     """Read ``chunk`` into ``slot`` and start its copies to ``device`` (blocking); returns the
     fence of the last copy (copies to one device complete in order) and when the read and the
     copy submissions ran (waiting for the slot's previous copy is neither)."""
@@ -177,7 +203,9 @@ def read_staged(files: Files, device: Device, chunk: Chunk, slot: Slot) -> tuple
     if lead + chunk.nbytes > len(slot.view):
         lead = 0
     view = slot.view[lead : lead + chunk.nbytes]
-    read_into(files.fd(chunk.path), [view], chunk.offset, chunk.path, tensor)
+    files.read(chunk.path, [view], chunk.offset, tensor)
+    if feed is not None:
+        feed(chunk.path, chunk.offset, [slot.buffer[lead : lead + chunk.nbytes]], False)
     read = time.perf_counter()
     fence: Fence | None = None
     for piece in chunk.pieces:
@@ -316,9 +344,15 @@ class Reader:
     """
 
     def __init__(
-        self, spec: ModelSpec, params: LoadParams, on_filled: Callable[[InFlight], None]
+        self,
+        spec: ModelSpec,
+        params: LoadParams,
+        on_filled: Callable[[InFlight], None],
+        files: SourceFiles | None = None,
+        feed: Feed | None = None,
     ) -> None:
-        self.files = Files(spec)
+        self.files: SourceFiles = Files(spec) if files is None else files
+        self._feed = feed
         self._params = params
         self._on_filled = on_filled
         self._limiter = anyio.CapacityLimiter(params.reader_threads)
@@ -347,7 +381,7 @@ class Reader:
         ``probe`` runs first (the page-cache warmth probe must see the cache before the
         read-ahead fills it). Best effort: a file that cannot be opened is reported by the
         read, in context."""
-        if not hasattr(os, "posix_fadvise"):
+        if not hasattr(os, "posix_fadvise") or not self.files.local:
             return
         with contextlib.suppress(OSError, StreamloadError):
             probe()
@@ -384,7 +418,13 @@ class Reader:
         slot = await ring.acquire()
         try:
             fence, times = await anyio.to_thread.run_sync(
-                read_staged, self.files, flight.device, chunk, slot, limiter=self._limiter
+                read_staged,
+                self.files,
+                flight.device,
+                chunk,
+                slot,
+                self._feed,
+                limiter=self._limiter,
             )
             flight.fences.append(fence)
             flight.times.append(times)
@@ -421,8 +461,10 @@ class Reader:
             error: BaseException | None = None
             times: ChunkTimes | None = None
             try:
-                if flight.error is None:
+                if flight.error is None and self._feed is None:
                     times = read_direct(self.files, chunk)
+                elif flight.error is None:
+                    times = read_direct(self.files, chunk, self._feed, not flight.raw)
             except Exception as exc:
                 error = exc
             if queue.read(flight, error, times):
@@ -457,13 +499,15 @@ class PageCache:
     """Whether each unit was mostly in the page cache when first asked, before the load's own
     read-ahead of it (``_hostmem.cached_fraction`` samples it; unknown counts as cold)."""
 
-    def __init__(self, files: Files) -> None:
+    def __init__(self, files: SourceFiles) -> None:
         self._files = files
         self._warm: dict[int, bool] = {}  # by unit identity: units live as long as the load
 
     def warm(self, unit: Unit) -> bool:
         """Blocking (reads the page cache's state); the first answer for a unit is kept."""
         warm = self._warm.get(id(unit))
+        if warm is None and not self._files.local:
+            warm = self._warm[id(unit)] = False  # objects: no page cache to find them in
         if warm is None:
             ranges = [(self._files.fd(path), start, end - start) for path, start, end in runs(unit)]
             fraction = _hostmem.cached_fraction(ranges)

@@ -1,0 +1,399 @@
+"""Sources: hub repo ids through a hub cache laid out as huggingface_hub lays it out, object
+storage through a real S3 server on 127.0.0.1 (moto), faults through a proxy in front of it,
+and ``verify=True``. Every load is compared byte for byte with safetensors' own load of the
+same files, and every plan with the plan of the local checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import boto3
+import huggingface_hub.constants
+import pytest
+import torch
+from moto.server import ThreadedMotoServer
+
+import streamload
+from streamload.events import Event, LayerPlaced, PlanComputed
+from streamload.testing import SimulatedGPU
+from tests.engine_support import assert_identical, params, reference
+from tests.sources_support import (
+    Faults,
+    closed_port,
+    encoder,
+    files_under,
+    s3_env,
+    sharded,
+    single,
+    start_proxy,
+    upload,
+    write_hub_cache,
+)
+
+pytestmark = pytest.mark.anyio
+REPO = "tiny-org/tiny-llama"
+BUCKET = "models"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# --- hub ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A local checkpoint and an offline hub cache holding it as ``REPO``. huggingface_hub reads
+    ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` once, at import, so the test sets the values it
+    read (the command-line test below sets the variables themselves, in a fresh process)."""
+    local = sharded(tmp_path / "local")
+    cache = tmp_path / "hub"
+    write_hub_cache(cache, REPO, local)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local path named like the repo id
+    return local, cache
+
+
+async def test_a_repo_id_loads_from_the_offline_cache_bit_identical(
+    hub: tuple[Path, Path],
+) -> None:
+    """``org/name`` resolves in the hub cache at ``main``; the load equals safetensors' load of
+    the same files, the plan equals the local checkpoint's, and placements name the blobs."""
+    local, _ = hub
+    got: list[Event] = []
+    p = params(["cpu"], cpu_memory_bytes=2**33)  # fixed: available memory moves
+    model = await streamload.load(REPO, p, on_event=got.append)
+    assert_identical(model.tensors, reference(local), None)
+    assert streamload.plan(local, p).to_dict() == streamload.plan(REPO, p).to_dict()
+    assert REPO == next(e for e in got if isinstance(e, PlanComputed)).path
+    placed = [e for e in got if isinstance(e, LayerPlaced)]
+    assert all(f.rsplit("/", 2)[-2] == "blobs" for e in placed for f in e.files)
+
+
+def test_a_cache_folder_or_a_snapshot_path_works_too(hub: tuple[Path, Path]) -> None:
+    """The ``models--org--name`` folder (at ``revision``) and a snapshot folder inspect like
+    the repo id; a revision the folder lacks is a ``SourceError`` naming it."""
+    _, cache = hub
+    folder = cache / "models--tiny-org--tiny-llama"
+    want = streamload.inspect(REPO)
+    assert want == streamload.inspect(folder)
+    assert want == streamload.inspect(next((folder / "snapshots").iterdir()))
+    with pytest.raises(streamload.SourceError, match="'v2'"):
+        streamload.inspect(folder, params=streamload.LoadParams(revision="v2"))
+
+
+@pytest.mark.parametrize(
+    ("repo", "revision"), [("tiny-org/missing", "main"), (REPO, "refs-that-are-not-there")]
+)
+def test_hub_misses_name_the_id_and_the_revision(
+    hub: tuple[Path, Path], repo: str, revision: str
+) -> None:
+    """Offline, an id or a revision the cache does not hold is a ``SourceError`` naming both."""
+    with pytest.raises(streamload.SourceError) as raised:
+        streamload.plan(repo, params(["cpu"], revision=revision))
+    assert (repo, revision) == (raised.value.source, raised.value.revision)
+    assert "offline" in str(raised.value).lower() or "cache" in str(raised.value)
+
+
+async def test_verify_checks_every_hub_blob_through_either_path(hub: tuple[Path, Path]) -> None:
+    """``verify=True``: every file's sha256 (computed from the bytes the load read, in file
+    order whatever order the lanes read them in) matches its blob name, on the CPU path and on
+    the staged path of a simulated GPU."""
+    local, _ = hub
+    for devices in (["cpu"], [SimulatedGPU("sim:0", total_bytes=2**30), "cpu"]):
+        model = await streamload.load(REPO, params(devices, verify=True))
+        assert_identical(model.tensors, reference(local), None)
+        assert 3 == len(model.report.checks)
+        assert () == model.report.unverified
+        model.release()
+
+
+async def test_a_corrupt_blob_is_caught_and_the_load_releases_everything(
+    hub: tuple[Path, Path],
+) -> None:
+    """A flipped byte in a shard's tensor data: without ``verify`` the load succeeds (nothing
+    else looks at the bytes); with it, ``ChecksumError`` names the file and nothing stays
+    allocated on the simulated GPU."""
+    _, cache = hub
+    blobs = sorted((cache / "models--tiny-org--tiny-llama" / "blobs").iterdir())
+    blob = next(b for b in blobs if len(b.name) == 64)
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    gpu = SimulatedGPU("sim:0", total_bytes=2**30)
+    (await streamload.load(REPO, params([gpu, "cpu"]))).release()
+    with pytest.raises(streamload.ChecksumError) as raised:
+        await streamload.load(REPO, params([gpu, "cpu"], verify=True))
+    assert blob.name in str(raised.value)
+    assert isinstance(raised.value, streamload.CheckpointError)
+    assert 0 == gpu.allocated_bytes
+
+
+async def test_files_without_a_recorded_checksum_are_reported_unverified(
+    hub: tuple[Path, Path],
+) -> None:
+    """A plain local directory records no checksums: each file is listed as unverified."""
+    local, _ = hub
+    model = await streamload.load(local, params(["cpu"], verify=True))
+    assert 3 == len(model.report.unverified)
+    assert {"its source records no checksum"} == {c.reason for c in model.report.unverified}
+
+
+def test_the_command_line_reads_the_hub_environment(hub: tuple[Path, Path]) -> None:
+    """``streamload inspect org/name`` in a fresh process finds the repo through
+    ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` as huggingface_hub reads them."""
+    _, cache = hub
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "streamload", "inspect", REPO, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert 0 == done.returncode, done.stderr
+    summary = json.loads(done.stdout)
+    assert 4 == summary["layers"]["count"]
+    assert all(Path(file).parent.name == "blobs" for file in summary["files"])
+
+
+# --- object storage ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Store:
+    endpoint: str
+    client: Any
+    local: dict[str, Path]  # prefix -> the local checkpoint uploaded under it
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    """A moto S3 server on 127.0.0.1 with a single-file, a sharded and an encoder checkpoint
+    uploaded (checksums recorded), and one uploaded without checksums."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = s3_env(endpoint)
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"],
+    )
+    client.create_bucket(Bucket=BUCKET)
+    root = tmp_path_factory.mktemp("s3")
+    local = {
+        "single": single(root / "single"),
+        "sharded": sharded(root / "sharded"),
+        "encoder": encoder(root / "encoder"),
+    }
+    for prefix, directory in local.items():
+        upload(client, BUCKET, prefix, directory)
+    upload(client, BUCKET, "plain", local["single"], checksum=False)
+    yield Store(endpoint, client, local)
+    server.stop()
+
+
+@pytest.fixture
+def s3(store: Store, monkeypatch: pytest.MonkeyPatch) -> Store:
+    for key, value in s3_env(store.endpoint).items():
+        monkeypatch.setenv(key, value)
+    return store
+
+
+@pytest.mark.parametrize("prefix", ["single", "sharded", "encoder"])
+async def test_an_s3_prefix_loads_bit_identical_and_plans_as_the_local_copy(
+    s3: Store, prefix: str
+) -> None:
+    """Single file, sharded index and an encoder: the load from ``s3://`` equals safetensors'
+    load of the local files, onto a simulated GPU (staged) and the CPU; the plan is the local
+    plan; placements name the objects by URL."""
+    url = f"s3://{BUCKET}/{prefix}"
+    local = s3.local[prefix]
+    # A fixed host budget: the host's available memory moves between two readings.
+    p = params([SimulatedGPU("sim:0", total_bytes=400_000), "cpu"], cpu_memory_bytes=2**33)
+    assert streamload.plan(local, p).to_dict() == streamload.plan(url, p).to_dict()
+    got: list[Event] = []
+    model = await streamload.load(url, p, on_event=got.append)
+    assert_identical(model.tensors, reference(local), None)
+    files = {f for e in got if isinstance(e, LayerPlaced) for f in e.files}
+    assert files == {f"{url}/{f.name}" for f in local.glob("*.safetensors")}
+
+
+async def test_verify_checks_objects_with_a_recorded_sha256(s3: Store) -> None:
+    """Objects uploaded with a SHA256 checksum are verified; without one, unverified."""
+    model = await streamload.load(f"s3://{BUCKET}/sharded", params(["cpu"], verify=True))
+    assert (3, ()) == (len(model.report.checks), model.report.unverified)
+    plain = await streamload.load(f"s3://{BUCKET}/plain", params(["cpu"], verify=True))
+    assert ["its source records no checksum"] == [c.reason for c in plain.report.unverified]
+
+
+@pytest.mark.parametrize(
+    ("url", "error", "words"),
+    [
+        (f"s3://{BUCKET}/nothing-here", streamload.SourceError, "no objects under this prefix"),
+        ("s3://no-such-bucket/x", streamload.SourceError, "no such bucket"),
+    ],
+)
+def test_a_missing_prefix_or_bucket_names_the_url(
+    s3: Store, url: str, error: type[Exception], words: str
+) -> None:
+    with pytest.raises(error, match=words) as raised:
+        streamload.inspect(url)
+    assert url in str(raised.value)
+
+
+def test_a_shard_or_index_entry_missing_from_the_store_names_the_object(s3: Store) -> None:
+    """An index naming a shard the prefix lacks is ``MissingShardError``; one that lists a
+    tensor no shard holds is ``IndexMismatchError``; both name ``s3://`` URLs."""
+    local = s3.local["sharded"]
+    index = (local / "model.safetensors.index.json").read_text()
+    for prefix, text, error in [
+        ("no-shard", index.replace("00003-of", "00009-of"), streamload.MissingShardError),
+        (
+            "no-entry",
+            index.replace("}}", ', "ghost.weight": "model-00001-of-00003.safetensors"}}'),
+            streamload.IndexMismatchError,
+        ),
+    ]:
+        for file in local.iterdir():
+            body = text.encode() if file.name.endswith(".index.json") else file.read_bytes()
+            s3.client.put_object(Bucket=BUCKET, Key=f"{prefix}/{file.name}", Body=body)
+        with pytest.raises(error, match=f"s3://{BUCKET}/{prefix}/"):
+            streamload.inspect(f"s3://{BUCKET}/{prefix}")
+
+
+def test_a_refused_connection_fails_within_the_connect_timeout(
+    s3: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint nothing listens on: ``SourceUnreachableError``, not minutes of retries."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(streamload.SourceUnreachableError, match="cannot be reached"):
+        streamload.inspect(f"s3://{BUCKET}/single", params=streamload.LoadParams(connect_timeout=1))
+
+
+def test_access_denied_names_the_url(s3: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, stop = start_proxy(s3.endpoint, Faults(deny=True))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    try:
+        with pytest.raises(streamload.SourceError, match="access denied"):
+            streamload.inspect(f"s3://{BUCKET}/single")
+    finally:
+        stop()
+
+
+def test_mmap_is_refused_for_objects(s3: Store) -> None:
+    with pytest.raises(streamload.SourceError, match="cpu_policy='mmap'"):
+        streamload.plan(f"s3://{BUCKET}/single", params(["cpu"], cpu_policy="mmap"))
+
+
+@pytest.mark.parametrize("drops", [2, -1])
+async def test_a_dropped_connection_is_resumed_then_reported(
+    s3: Store, monkeypatch: pytest.MonkeyPatch, drops: int
+) -> None:
+    """A server that drops ranged GETs of one object mid-body: two drops are resumed (the load
+    is bit-identical); drops every time fail after bounded retries with a ``SourceError``
+    naming the object and the byte offset, and the simulated GPU holds nothing."""
+    faults = Faults(target="sharded/model-00002-of-00003.safetensors", drop_after=1000)
+    url, stop = start_proxy(s3.endpoint, faults)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    source = f"s3://{BUCKET}/sharded"
+    gpu = SimulatedGPU("sim:0", total_bytes=2**30)
+    p = params([gpu, "cpu"], chunk_bytes=2**16, staging_bytes=2**18)  # few requests: a slow proxy
+    try:
+        plan_first = streamload.plan(source, p)  # headers before any drop
+        faults.drops = drops
+        if drops > 0:
+            model = await streamload.load(source, p)
+            assert_identical(model.tensors, reference(s3.local["sharded"]), None)
+            assert plan_first.layer_devices == model.plan.layer_devices
+            assert drops == faults.dropped
+            return
+        with pytest.raises(streamload.SourceError) as raised:
+            await streamload.load(source, p)
+        assert f"{source}/model-00002-of-00003.safetensors" in str(raised.value)
+        assert "at byte" in str(raised.value)
+        assert 0 == gpu.allocated_bytes
+    finally:
+        stop()
+
+
+async def test_an_object_overwritten_mid_load_is_an_error(s3: Store) -> None:
+    """Once planned, a shard replaced by other bytes fails its next ranged GET (If-Match on
+    the listed ETag): ``ObjectChangedError`` naming it; nothing stays allocated."""
+    local = s3.local["sharded"]
+    upload(s3.client, BUCKET, "changing", local)
+    victim = "changing/model-00003-of-00003.safetensors"
+    gpu = SimulatedGPU("sim:0", total_bytes=2**30)
+
+    def overwrite(event: Event) -> None:
+        if isinstance(event, PlanComputed):
+            body = (local / "model-00003-of-00003.safetensors").read_bytes()[::-1]
+            s3.client.put_object(Bucket=BUCKET, Key=victim, Body=body)
+
+    with pytest.raises(streamload.ObjectChangedError, match=victim):
+        await streamload.load(f"s3://{BUCKET}/changing", params([gpu, "cpu"]), on_event=overwrite)
+    assert 0 == gpu.allocated_bytes
+
+
+async def test_cancelling_an_s3_load_releases_everything(s3: Store) -> None:
+    """Cancellation mid-stream: the load's tensors are released and the cancellation goes on."""
+    gpu = SimulatedGPU("sim:0", total_bytes=2**30)
+    with anyio.move_on_after(30) as scope:
+        async with anyio.create_task_group() as group:
+
+            async def run() -> None:
+                await streamload.load(
+                    f"s3://{BUCKET}/sharded", params([gpu, "cpu"]), on_event=cancel
+                )
+
+            def cancel(event: Event) -> None:
+                if isinstance(event, LayerPlaced):
+                    group.cancel_scope.cancel()
+
+            group.start_soon(run)
+    assert not scope.cancelled_caught
+    assert 0 == gpu.allocated_bytes
+
+
+def test_the_command_line_plans_an_s3_prefix(s3: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    from streamload.cli import main
+
+    assert 0 == main(["plan", f"s3://{BUCKET}/sharded", "--device", "sim:0=1GiB", "--json"])
+    assert f"s3://{BUCKET}/sharded" in capsys.readouterr().out
+
+
+def test_no_partial_files_are_left_in_the_hub_cache(hub: tuple[Path, Path]) -> None:
+    """After a failed resolution nothing but the cache's own files is there."""
+    _, cache = hub
+    before = sorted(files_under(cache))
+    with pytest.raises(streamload.SourceError):
+        streamload.inspect("tiny-org/absent")
+    assert before == sorted(files_under(cache))
+
+
+async def test_verify_holds_with_dtype_conversion_on_every_path(hub: tuple[Path, Path]) -> None:
+    """Converted tensors are read into conversion buffers, which later units reuse: chunks
+    that wait for their turn in the hash are copied, so ``verify`` passes on the CPU, a staged
+    and an unstaged simulated GPU alike."""
+    local, _ = hub
+    for device in ("cpu", SimulatedGPU("s", 2**30), SimulatedGPU("u", 2**30, staged=False)):
+        model = await streamload.load(REPO, params([device], dtype="bf16", verify=True))
+        assert_identical(model.tensors, reference(local), torch.bfloat16)
+        assert () == model.report.unverified
+        model.release()
