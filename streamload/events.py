@@ -39,6 +39,7 @@ __all__ = [
     "LoadFinished",
     "LoadReport",
     "LoadStarted",
+    "MaxSeqLenClamped",
     "MemoryReadingFallback",
     "Observers",
     "PagedAttentionDisabled",
@@ -170,6 +171,17 @@ class PagedAttentionDisabled:
 
 
 @dataclass(frozen=True, slots=True)
+class MaxSeqLenClamped:
+    """``LoadParams.max_seq_len`` (``requested``) is beyond the longest sequence the model was
+    made for (its ``max_position_embeddings``): the plan sizes KV cache and activations for
+    ``used`` tokens instead."""
+
+    requested: int
+    used: int
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryReadingFallback:
     """A device's live free memory is read another way from now on (a CUDA GPU whose NVML
     reading failed: ``cudaMemGetInfo`` instead); ``reason`` says what failed."""
@@ -291,6 +303,7 @@ Event: TypeAlias = (
     | LayersMoved
     | PagedAttentionDisabled
     | MemoryReadingFallback
+    | MaxSeqLenClamped
     | LoadFinished
     | LoadFailed
     | LoadCancelled
@@ -307,6 +320,7 @@ _EVENT_NAMES: Mapping[type[Any], str] = {
     LayersMoved: "layers_moved",
     PagedAttentionDisabled: "paged_attention_disabled",
     MemoryReadingFallback: "memory_reading_fallback",
+    MaxSeqLenClamped: "max_seq_len_clamped",
     LoadFinished: "load_finished",
     LoadFailed: "load_failed",
     LoadCancelled: "load_cancelled",
@@ -413,7 +427,9 @@ def log_event(event: Event, log: Any = None) -> None:
     application has configured structlog; else the stdlib ``streamload`` logger (silent unless
     the application configured ``logging``). Re-plans and failures are warnings, the rest info.
     """
-    warning = isinstance(event, LoadFailed | Replanned | LayersMoved | MemoryReadingFallback)
+    warning = isinstance(
+        event, LoadFailed | Replanned | LayersMoved | MemoryReadingFallback | MaxSeqLenClamped
+    )
     if log is None and not structlog.is_configured():
         level = logging.WARNING if warning else logging.INFO
         _stdlib_log(level, event_name(event), event_fields(event))

@@ -49,6 +49,7 @@ from streamload.events import (
     LoadFinished,
     LoadReport,
     LoadStarted,
+    MaxSeqLenClamped,
     MemoryReadingFallback,
     Observers,
     PagedAttentionDisabled,
@@ -59,14 +60,16 @@ from streamload.events import (
 )
 from streamload.model import ModelSpec
 from streamload.params import LoadParams
-from streamload.planner import conversion_scratch
+from streamload.planner import Plan, conversion_scratch
 
 __all__ = ["load"]
 
 
 def _stamped(event: Event, path: str) -> Event:
     """``event`` with the load's ``path`` where the stage that made it left it out."""
-    stamped = Replanned | PagedAttentionDisabled | LayersMoved | MemoryReadingFallback
+    stamped = (
+        Replanned | PagedAttentionDisabled | LayersMoved | MemoryReadingFallback | MaxSeqLenClamped
+    )
     if isinstance(event, stamped) and not event.path:
         return dataclasses.replace(event, path=path)
     return event
@@ -290,6 +293,7 @@ class _Load:
         plan_seconds, fallbacks = await p.budget.first_plan()
         await self._emit(
             PlanComputed(p.budget.current, str(self.path), plan_seconds),
+            *_clamps(self.params, p.budget.current),
             *fallbacks,
             *_notices(self.p.devices),
         )
@@ -512,6 +516,13 @@ def _release_caches(devices: list[Device]) -> None:
     gc.collect()
     for device in devices:
         device.release_cache()
+
+
+def _clamps(params: LoadParams, plan: Plan) -> tuple[MaxSeqLenClamped, ...]:
+    """The warning that the plan sized KV and activations for fewer tokens than asked."""
+    if plan.max_seq_len and plan.max_seq_len < params.max_seq_len:
+        return (MaxSeqLenClamped(params.max_seq_len, plan.max_seq_len),)
+    return ()
 
 
 async def _setup(

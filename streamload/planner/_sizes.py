@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from streamload.checkpoint import DTYPE_SIZES
 from streamload.errors import PlanError, format_bytes
@@ -52,6 +52,28 @@ def conversion_scratch(spec: ModelSpec) -> int:
     raw = [raw_bytes(spec, unit) for unit in units]
     pairs = [a + b for a, b in itertools.pairwise(raw)]
     return max([*raw, *pairs], default=0)
+
+
+def max_positions(spec: ModelSpec) -> int | None:
+    """The longest sequence the model was made for (``max_position_embeddings``, or GPT-2's
+    ``n_positions``; a vision-language model's text config's), or ``None`` when unknown."""
+    configs = [spec.config, spec.config.get("text_config") or {}]
+    for config in configs:
+        for key in ("max_position_embeddings", "n_positions"):
+            value = config.get(key) if isinstance(config, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def clamped(spec: ModelSpec, params: LoadParams) -> LoadParams:
+    """``params`` with ``max_seq_len`` held to the model's ``max_positions``: no sequence can
+    be longer, so KV cache and activations beyond it would be memory no request can use.
+    (The load reports the clamp as a ``MaxSeqLenClamped`` event.)"""
+    most = max_positions(spec)
+    if most is None or params.max_seq_len <= most:
+        return params
+    return replace(params, max_seq_len=most)
 
 
 def estimate_activations(spec: ModelSpec, params: LoadParams) -> Activations:

@@ -19,6 +19,7 @@ from streamload.planner._sizes import (
     _initial_blocks,
     _Kv,
     _pool_kv,
+    clamped,
     conversion_scratch,
     estimate_activations,
 )
@@ -41,6 +42,7 @@ def plan(
     measured their peak, and for tests). The rules are in the module docstring.
     """
     _check_capacities(capacities)
+    params = clamped(spec, params)
     acts = estimate_activations(spec, params) if activations is None else activations
     slots = tuple(
         _slot(spec, cap, params, primary=i == 0, loaded=(), already_loaded=False, eligible=True)
@@ -83,6 +85,7 @@ def replan(
     ``DoesNotFitError`` if the remaining layers fit nowhere.
     """
     _check_replan(spec, previous, placed, capacities)
+    params = clamped(spec, params)
     acts = estimate_activations(spec, params) if activations is None else activations
     names = [row.device for row in previous.devices]
     first = names.index(previous.layer_devices[placed - 1]) if placed else 0
@@ -203,6 +206,11 @@ def _slot(
             f"(max({params.reserve_fraction} x total {format_bytes(cap.total_bytes)}, "
             f"{format_bytes(params.reserve_min_bytes)}))"
         )
+        if _min_reserve_dominates(params, cap.total_bytes, reserve):
+            text += (
+                f"; the minimum reserve is {100 * reserve // max(cap.total_bytes, 1)}% of this "
+                "GPU: lower reserve_min_bytes (--gpu-reserve) for a small GPU"
+            )
     else:
         own = params.cpu_memory_bytes
         capacity = live if own is None else own
@@ -231,6 +239,12 @@ def _slot(
     )
 
 
+def _min_reserve_dominates(params: LoadParams, total: int, reserve: int) -> bool:
+    """Whether a GPU's reserve is its minimum (not the fraction of its total) and a tenth of
+    it or more: the knob to name when such a GPU falls short is ``reserve_min_bytes``."""
+    return params.reserve_min_bytes > params.reserve_fraction * total and 10 * reserve >= total
+
+
 def _paged_slot(slot: _Slot, paged: PagedAttention) -> _Slot:
     """The slot under paged attention: the CPU takes no layers; ``Utilization`` caps GPUs."""
     if not slot.is_gpu:
@@ -257,6 +271,7 @@ class _Problem:
     acts: Activations
     kv: _Kv
     scratch: int  # conversion scratch per GPU that holds anything (``conversion_scratch``)
+    seq_len: int  # the sequence length KV and activations are sized for (``clamped``)
 
 
 def _layer_weight(p: _Problem, slot: _Slot, i: int) -> int:
@@ -343,7 +358,9 @@ def _solve(
         if isinstance(attempt, Plan):
             return attempt
         reason = attempt.reason
-    p = _Problem(spec, acts, _contiguous_kv(spec, params), conversion_scratch(spec))
+    p = _Problem(
+        spec, acts, _contiguous_kv(spec, params), conversion_scratch(spec), params.max_seq_len
+    )
     _check_fixed(p, slots)
     new = _fill(p, slots, start)
     if _end(new, start) < len(spec.layers):
@@ -368,7 +385,11 @@ def _solve_paged(
     dtype = _cache_dtype(spec, paged)
     blocks = _initial_blocks(spec, params, paged, dtype)
     p = _Problem(
-        spec, acts, _pool_kv(spec, dtype, blocks, paged.block_size), conversion_scratch(spec)
+        spec,
+        acts,
+        _pool_kv(spec, dtype, blocks, paged.block_size),
+        conversion_scratch(spec),
+        params.max_seq_len,
     )
     gpu_slots = tuple(_paged_slot(slot, paged) for slot in slots)
     _check_fixed(p, gpu_slots)
@@ -440,6 +461,7 @@ def _build(
         paged_blocks=p.kv.blocks,
         cpu_policy=slots[0].policy,
         loaded_layers=start,
+        max_seq_len=p.seq_len,
     )
 
 

@@ -123,7 +123,9 @@ class Plan:
     ``layer_kv_bytes[i]`` the KV cache budgeted for layer i (in ``kv_cache_dtype``);
     ``paged_blocks`` the paged pool's block count per layer (``None`` when not paged).
     ``loaded_layers`` is how many leading layers were already loaded when this plan was made
-    (0 for ``plan``, ``placed`` for ``replan``).
+    (0 for ``plan``, ``placed`` for ``replan``). ``max_seq_len`` is the sequence length the KV
+    cache and activations are sized for: ``LoadParams.max_seq_len``, held to the model's
+    ``max_position_embeddings``.
     """
 
     layer_devices: tuple[str, ...]
@@ -136,6 +138,7 @@ class Plan:
     paged_blocks: int | None
     cpu_policy: str
     loaded_layers: int = 0
+    max_seq_len: int = 0
 
     def device(self, name: str) -> DevicePlan:
         for row in self.devices:
@@ -156,6 +159,7 @@ class Plan:
             "paged_blocks": self.paged_blocks,
             "cpu_policy": self.cpu_policy,
             "loaded_layers": self.loaded_layers,
+            "max_seq_len": self.max_seq_len,
         }
 
     @classmethod
@@ -174,4 +178,5 @@ class Plan:
             paged_blocks=None if blocks is None else int(blocks),
             cpu_policy=str(data["cpu_policy"]),
             loaded_layers=int(data.get("loaded_layers", 0)),
+            max_seq_len=int(data.get("max_seq_len", 0)),
         )
