@@ -94,6 +94,10 @@ class Spills:
         """Whether a GPU other than the next unit's fell short of what its placed layers still
         need (a tenant took it after their placement) and spilled."""
         budget = self._budget
+        if not any(
+            row.is_gpu and (row.layers or row.holds_non_mapped) for row in budget.current.devices
+        ):
+            return False  # nothing on a GPU to watch: no worker-thread round trip per unit
         short = await anyio.to_thread.run_sync(shortfalls, budget, next_layer, parts_left)
         if not short:
             return False
