@@ -157,6 +157,17 @@ def sized_gpu(name: str, directory: Path, layers_held: float, *, primary: bool) 
     return SimulatedGPU(name, total_bytes=int(base + layers_held * layer))
 
 
+def three_way(directory: Path) -> list[Any]:
+    """Two simulated GPUs sized for about 2.5 layers each of the 6-layer checkpoint at
+    ``directory`` (the first with the non-mapped parts: it takes layers 0-1, the second 2-3),
+    then the CPU (the rest)."""
+    return [
+        sized_gpu("sim:0", directory, 2.5, primary=True),
+        sized_gpu("sim:1", directory, 2.5, primary=False),
+        "cpu",
+    ]
+
+
 def open_fds_under(directory: Path) -> list[str]:
     """Paths under ``directory`` this process holds open (Linux ``/proc/self/fd``)."""
     found = []

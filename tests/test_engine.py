@@ -37,6 +37,7 @@ from tests.engine_support import (
     params,
     reference,
     sized_gpu,
+    three_way,
     write_checkpoint,
 )
 
@@ -53,14 +54,6 @@ def anyio_backend() -> str:
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
     return write_checkpoint(tmp_path / "ckpt", llama_tensors(LAYERS), llama_config(LAYERS))
-
-
-def three_way(ckpt: Path) -> list[Any]:
-    return [
-        sized_gpu("sim:0", ckpt, 2.5, primary=True),
-        sized_gpu("sim:1", ckpt, 2.5, primary=False),
-        "cpu",
-    ]
 
 
 PLACEMENTS = ["gpu", "cpu", "mixed", "unstaged-gpu", "cpu-mmap"]

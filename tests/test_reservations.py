@@ -4,6 +4,7 @@ goes when the load ends, however it ends."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import anyio
@@ -108,18 +109,11 @@ async def test_a_reservation_goes_when_a_load_fails_or_is_cancelled(
                 else:
                     gpu.fail_allocations(100)
 
-        with pytest.raises(streamload.StreamloadError) if how == "failure" else _nothing():
+        expected = pytest.raises(streamload.StreamloadError)
+        with expected if how == "failure" else contextlib.nullcontext():
             await streamload.load(ckpt, params([gpu], max_replans=1), on_event=on_event)
 
     assert held
     assert held[0] > 0
     assert 0 == _held(gpu)
     assert 0 == gpu.allocated_bytes
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -5,7 +5,6 @@ fewest that make the rest fit, and the load goes on (DESIGN §5)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -21,7 +20,7 @@ from tests.engine_support import (
     open_fds_under,
     params,
     reference,
-    sized_gpu,
+    three_way,
     write_checkpoint,
 )
 
@@ -39,15 +38,6 @@ def anyio_backend() -> str:
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
     return write_checkpoint(tmp_path / "ckpt", llama_tensors(LAYERS), llama_config(LAYERS))
-
-
-def three_way(ckpt: Path) -> list[Any]:
-    """sim:0 takes the non-mapped parts and layers 0-1, sim:1 layers 2-3, the CPU the rest."""
-    return [
-        sized_gpu("sim:0", ckpt, 2.5, primary=True),
-        sized_gpu("sim:1", ckpt, 2.5, primary=False),
-        "cpu",
-    ]
 
 
 def _in_device_order(plan: streamload.Plan) -> bool:
