@@ -390,31 +390,8 @@ def build_spec(
         quantized=is_quantized(config),
     )
     layer_groups, parts = grouping.run(checkpoint, skip=tied)
-    kv_elems_per_token = facts.kv_elems_per_token
-    layers = tuple(
-        LayerSpec(
-            index=i,
-            prefix=f"{container}.{i}",
-            tensors=tuple(group.tensors),
-            nbytes=group.sizes.nbytes,
-            stored_bytes=group.sizes.stored,
-            converted_bytes=group.sizes.converted,
-            kv_elems_per_token=kv_elems_per_token,
-            sliding_window=windows[i],
-        )
-        for i, group in enumerate(layer_groups)
-    )
-    non_mapped = tuple(
-        PartSpec(
-            name=name,
-            tensors=tuple(group.tensors),
-            nbytes=group.sizes.nbytes,
-            stored_bytes=group.sizes.stored,
-            converted_bytes=group.sizes.converted,
-            sub_model=group.sub_model,
-        )
-        for name, group in parts.items()
-    )
+    layers = _layer_specs(container, layer_groups, facts.kv_elems_per_token, windows)
+    non_mapped = _part_specs(parts)
     return ModelSpec(
         checkpoint=checkpoint,
         facts=facts,
@@ -538,32 +515,45 @@ def headers_spec(checkpoint: Checkpoint, *, target_dtype: str | None) -> ModelSp
         config={},
         target_dtype=target_dtype,
         activation_dtype=_activation_dtype(checkpoint, target_dtype),
-        layers=tuple(
-            LayerSpec(
-                index=i,
-                prefix=f"{container}.{i}",
-                tensors=tuple(group.tensors),
-                nbytes=group.sizes.nbytes,
-                stored_bytes=group.sizes.stored,
-                converted_bytes=group.sizes.converted,
-                kv_elems_per_token=0,
-                sliding_window=None,
-            )
-            for i, group in enumerate(layer_groups)
-        ),
-        non_mapped=tuple(
-            PartSpec(
-                name=name,
-                tensors=tuple(group.tensors),
-                nbytes=group.sizes.nbytes,
-                stored_bytes=group.sizes.stored,
-                converted_bytes=group.sizes.converted,
-                sub_model=group.sub_model,
-            )
-            for name, group in parts.items()
-        ),
+        layers=_layer_specs(container, layer_groups, 0, [None] * len(layer_groups)),
+        non_mapped=_part_specs(parts),
         tied={},
         has_lm_head=False,
+    )
+
+
+def _layer_specs(
+    container: str, groups: Sequence[_Group], kv_elems: int, windows: Sequence[int | None]
+) -> tuple[LayerSpec, ...]:
+    """Layer ``i`` of ``container`` from its group of tensors (``windows[i]``: its sliding
+    window, if any)."""
+    return tuple(
+        LayerSpec(
+            index=i,
+            prefix=f"{container}.{i}",
+            tensors=tuple(group.tensors),
+            nbytes=group.sizes.nbytes,
+            stored_bytes=group.sizes.stored,
+            converted_bytes=group.sizes.converted,
+            kv_elems_per_token=kv_elems,
+            sliding_window=windows[i],
+        )
+        for i, group in enumerate(groups)
+    )
+
+
+def _part_specs(parts: Mapping[str, _Group]) -> tuple[PartSpec, ...]:
+    """A non-mapped part per group of tensors, by its name."""
+    return tuple(
+        PartSpec(
+            name=name,
+            tensors=tuple(group.tensors),
+            nbytes=group.sizes.nbytes,
+            stored_bytes=group.sizes.stored,
+            converted_bytes=group.sizes.converted,
+            sub_model=group.sub_model,
+        )
+        for name, group in parts.items()
     )
 
 
