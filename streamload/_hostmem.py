@@ -116,21 +116,22 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return flat.view(dtype).view(shape)
 
 
-def lead(offset: int, dtype: torch.dtype) -> int:
-    """Where in a cache line a destination read from file ``offset`` should start: the same
-    position (``offset % 64``), or 0 when that position does not suit ``dtype``."""
-    position = offset % CACHE_LINE
+def lead(offset: int, dtype: torch.dtype, align: int = CACHE_LINE) -> int:
+    """Where in a cache line (or an ``align``-byte block) a destination read from file
+    ``offset`` should start: the same position (``offset % align``), or 0 when that position
+    does not suit ``dtype``."""
+    position = offset % align
     return position if position % dtype.itemsize == 0 else 0
 
 
-def pack(runs: Sequence[tuple[int, int]]) -> tuple[list[int], int]:
+def pack(runs: Sequence[tuple[int, int]], align: int = CACHE_LINE) -> tuple[list[int], int]:
     """Positions for ``(nbytes, lead)`` runs laid one after another, each starting ``lead``
-    bytes past a cache-line boundary (at most 63 bytes of padding before it), and the bytes
-    they span in all."""
+    bytes past a cache-line (or ``align``-byte) boundary (at most ``align - 1`` bytes of padding
+    before it), and the bytes they span in all."""
     positions = []
     end = 0
     for nbytes, at in runs:
-        end += (at - end) % CACHE_LINE
+        end += (at - end) % align
         positions.append(end)
         end += nbytes
     return positions, end

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DeviceReport",
+    "DirectIOFallback",
     "Event",
     "EventCallback",
     "FileCheck",
@@ -192,6 +193,17 @@ class MemoryReadingFallback:
 
 
 @dataclass(frozen=True, slots=True)
+class DirectIOFallback:
+    """``LoadParams.direct_io``: the filesystem holding ``file`` refused ``O_DIRECT``
+    (``reason``: at open or at a read), so it and every other file of the load on that
+    filesystem are read through the page cache from now on. Reported once per filesystem."""
+
+    file: str
+    reason: str
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceReport:
     """Bytes placed on one device and the time spent placing them.
 
@@ -303,6 +315,7 @@ Event: TypeAlias = (
     | LayersMoved
     | PagedAttentionDisabled
     | MemoryReadingFallback
+    | DirectIOFallback
     | MaxSeqLenClamped
     | LoadFinished
     | LoadFailed
@@ -320,6 +333,7 @@ _EVENT_NAMES: Mapping[type[Any], str] = {
     LayersMoved: "layers_moved",
     PagedAttentionDisabled: "paged_attention_disabled",
     MemoryReadingFallback: "memory_reading_fallback",
+    DirectIOFallback: "direct_io_fallback",
     MaxSeqLenClamped: "max_seq_len_clamped",
     LoadFinished: "load_finished",
     LoadFailed: "load_failed",
@@ -428,7 +442,13 @@ def log_event(event: Event, log: Any = None) -> None:
     the application configured ``logging``). Re-plans and failures are warnings, the rest info.
     """
     warning = isinstance(
-        event, LoadFailed | Replanned | LayersMoved | MemoryReadingFallback | MaxSeqLenClamped
+        event,
+        LoadFailed
+        | Replanned
+        | LayersMoved
+        | MemoryReadingFallback
+        | DirectIOFallback
+        | MaxSeqLenClamped,
     )
     if log is None and not structlog.is_configured():
         level = logging.WARNING if warning else logging.INFO

@@ -273,6 +273,24 @@ class LoadParams:
     THP ``defrag`` at ``madvise`` the kernel may compact memory to find huge pages; ``False``
     avoids that; THP ``never`` turns it off.
 
+    ``direct_io`` decides whether local checkpoint files are read with ``O_DIRECT``, bypassing the
+    page cache: ``False`` (default) never, ``True`` always, ``"auto"`` for each layer or
+    non-mapped part whose bytes are mostly (more than half, sampled) *not* in the page cache when
+    the load reaches it (the same probe as ``huge_pages="auto"``), so bytes already cached are
+    copied from the cache instead of read from the disk again. Direct reads are 4 KiB aligned in
+    file offset, length and buffer address: a staged chunk is read as the aligned span around it
+    into its (aligned) staging slot and copied out from the chunk's first byte; a CPU unit's
+    tensors are laid out co-aligned with their file offsets modulo 4 KiB, so a chunk's aligned
+    middle is read straight into them and only its partial first and last 4 KiB blocks go
+    through a small aligned bounce buffer (other destinations are read as the aligned span into
+    a bounce buffer and copied out). Exactly the tensor's bytes are placed either way. A
+    filesystem that refuses ``O_DIRECT`` (``EINVAL`` at open or at a read) has its files read
+    through the page cache instead, reported once as a ``DirectIOFallback`` event (a warning in
+    the log). Objects (``s3://`` and the like) are never read with it. The read-ahead
+    advice a load gives the kernel is left out for units read this way (it would read them
+    into the cache a second time). ``benchmarks/results/measurements.md`` has the cold figures
+    that keep it off by default.
+
     ``empty_cache_on_failure``: when a load fails or is cancelled, the device memory it freed is
     returned from torch's caching allocator (and its pinned staging ring from torch's pinned-host
     cache) to the driver, so other processes on the GPU can use it (``Device.release_cache``);
@@ -304,6 +322,7 @@ class LoadParams:
     reader_threads: int = 8
     max_replans: int = 8
     huge_pages: bool | Literal["auto"] = "auto"
+    direct_io: bool | Literal["auto"] = False
     empty_cache_on_failure: bool = True
     max_memory: Mapping[str, int | str] | None = None
     revision: str = "main"
@@ -343,6 +362,8 @@ class LoadParams:
             raise ValueError(f"cpu_memory_bytes must be >= 0, got {self.cpu_memory_bytes}")
         if not (isinstance(self.huge_pages, bool) or self.huge_pages == "auto"):
             raise ValueError(f"huge_pages must be True, False or 'auto', got {self.huge_pages!r}")
+        if not (isinstance(self.direct_io, bool) or self.direct_io == "auto"):
+            raise ValueError(f"direct_io must be True, False or 'auto', got {self.direct_io!r}")
         if self.staging_bytes < self.chunk_bytes:
             raise ValueError("staging_bytes must be at least chunk_bytes")
         object.__setattr__(self, "max_memory", _caps(self.max_memory))

@@ -38,6 +38,7 @@ import torch
 from streamload import _hostmem
 from streamload.checkpoint import TensorEntry
 from streamload.devices import Device
+from streamload.engine._direct import DIRECT_ALIGN
 from streamload.engine._flight import Completion, InFlight
 from streamload.engine._reader import await_fence
 from streamload.engine._units import (
@@ -62,12 +63,17 @@ class Layout:
     block: bool  # in one host mapping per unit (the host itself), not ``empty`` per tensor
     mmap: bool  # tensors that keep their stored dtype are maps of the checkpoint
     huge_pages: bool  # whole 2 MiB stretches of destinations in transparent huge pages
+    # Read with O_DIRECT (``LoadParams.direct_io``): host blocks co-aligned to ``DIRECT_ALIGN``.
+    direct_io: bool = False
 
 
 def layout(device: Device, params: LoadParams, warm: Callable[[], bool]) -> Layout:
     """The layout of a unit bound for ``device``. Huge pages only where memory is host memory
     and the host has them; under ``huge_pages="auto"`` only for a unit ``warm()`` (mostly in
-    the page cache, so the copy is not waiting for the disk while pages are compacted)."""
+    the page cache, so the copy is not waiting for the disk while pages are compacted).
+    ``O_DIRECT`` reads (``LoadParams.direct_io``) always, or under ``"auto"`` for a unit that
+    is not ``warm()`` (bytes in the page cache are copied from it, not read again)."""
+    direct = params.direct_io is True or (params.direct_io == "auto" and not warm())
     huge = (
         params.huge_pages is not False
         and device.host_memory
@@ -78,6 +84,7 @@ def layout(device: Device, params: LoadParams, warm: Callable[[], bool]) -> Layo
         block=device.host_memory and not device.is_gpu,
         mmap=not device.is_gpu and not device.staged and params.cpu_policy == "mmap",
         huge_pages=huge,
+        direct_io=direct,
     )
 
 
@@ -167,6 +174,7 @@ class Destinations:
             started,
             free_before,
             got.huge_bytes,
+            direct_io=how.direct_io,
         )
         flight.allocated = time.perf_counter()
         return flight
@@ -259,6 +267,9 @@ class Destinations:
         """``unit``'s host tensors in one mapping, raw conversion buffers in another (freed
         once converted); read destinations first, in file order, co-aligned."""
         order = sorted(unit.entries, key=lambda entry: (str(entry.path), entry.offset))
+        # O_DIRECT reads need 4 KiB-aligned memory: co-aligned modulo DIRECT_ALIGN, file-adjacent
+        # tensors lie as in the file and a chunk's aligned middle is read straight into them.
+        align = DIRECT_ALIGN if how.direct_io else _hostmem.CACHE_LINE
         kept: list[_Slot] = []
         converted: list[_Slot] = []
         scratch: list[_Slot] = []
@@ -267,15 +278,15 @@ class Destinations:
             stored = torch_dtype(entry.dtype)
             if self._converts(entry):
                 converted.append((entry, self._placed(entry), 0))
-                scratch.append((entry, stored, _hostmem.lead(entry.offset, stored)))
+                scratch.append((entry, stored, _hostmem.lead(entry.offset, stored, align)))
             elif how.mmap:
                 final[entry.name] = self._mmap(entry, stored)
             else:
-                kept.append((entry, stored, _hostmem.lead(entry.offset, stored)))
+                kept.append((entry, stored, _hostmem.lead(entry.offset, stored, align)))
         items: list[Destination] = []
-        placed, huge_bytes = _carve(kept + converted, how.huge_pages, items)
+        placed, huge_bytes = _carve(kept + converted, how.huge_pages, items, align)
         final.update(placed)
-        raw, _ = _carve(scratch, how.huge_pages, items)
+        raw, _ = _carve(scratch, how.huge_pages, items, align)
         final = {entry.name: final[entry.name] for entry in unit.entries}
         return _Tensors(final, raw, items, huge_bytes)
 
@@ -311,12 +322,12 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _carve(
-    slots: list[_Slot], huge: bool, items: list[Destination]
+    slots: list[_Slot], huge: bool, items: list[Destination], align: int
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Tensors for ``slots`` in one new ``HostBlock``; those in the stored dtype are read
     destinations (added to ``items``). Returns them and their bytes in huge pages."""
     sizes = [(math.prod(entry.shape) * dtype.itemsize, lead) for entry, dtype, lead in slots]
-    positions, total = _hostmem.pack(sizes)
+    positions, total = _hostmem.pack(sizes, align)
     block = _hostmem.HostBlock(total, huge_pages=huge)
     tensors: dict[str, torch.Tensor] = {}
     huge_bytes = 0

@@ -63,6 +63,7 @@ class InFlight:
     started: float
     free_before: int
     huge_bytes: int  # bytes of final tensors given huge pages
+    direct_io: bool = False  # read with O_DIRECT where the filesystem allows (``_direct``)
     fences: list[Fence] = field(default_factory=list)
     error: BaseException | None = None
     done: anyio.Event = field(default_factory=anyio.Event)

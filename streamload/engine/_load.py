@@ -41,6 +41,7 @@ from streamload.engine._verify import Verifier
 from streamload.errors import location
 from streamload.events import (
     DeviceReport,
+    DirectIOFallback,
     Event,
     LayerPlaced,
     LayersMoved,
@@ -68,7 +69,12 @@ __all__ = ["load"]
 def _stamped(event: Event, path: str) -> Event:
     """``event`` with the load's ``path`` where the stage that made it left it out."""
     stamped = (
-        Replanned | PagedAttentionDisabled | LayersMoved | MemoryReadingFallback | MaxSeqLenClamped
+        Replanned
+        | PagedAttentionDisabled
+        | LayersMoved
+        | MemoryReadingFallback
+        | MaxSeqLenClamped
+        | DirectIOFallback
     )
     if isinstance(event, stamped) and not event.path:
         return dataclasses.replace(event, path=path)
@@ -369,10 +375,11 @@ class _Load:
         return layout(device, self.params, lambda: self.p.page_cache.warm(unit))
 
     async def _prefetch(self, unit: Unit) -> None:
-        # Under huge_pages="auto" the layout probes the page cache: before the read-ahead.
+        # Under huge_pages="auto" and direct_io="auto" the layout probes the page cache: before
+        # the read-ahead (none for a unit read with O_DIRECT).
         device = self.p.budget.device_for(unit)
         await anyio.to_thread.run_sync(
-            self.p.reader.prefetch, unit, lambda: self._layout(unit, device)
+            self.p.reader.prefetch, unit, lambda: self._layout(unit, device).direct_io
         )
 
     async def _allocate(self, unit: Unit, parts_left: int) -> InFlight:
@@ -449,7 +456,7 @@ class _Load:
         placed = _layer_placed(flight, done, free_after, str(self.path), root, totals)
         flight.drop()
         self.inflight.popleft()
-        await self._emit(placed)
+        await self._emit(*self.p.reader.take_notices(), placed)
 
     def _complete(self, flight: InFlight) -> tuple[Completion, int]:
         """Complete the unit (copies waited, conversions done); returns when each step ended

@@ -31,9 +31,11 @@ import torch
 from streamload import _hostmem
 from streamload.devices import Device, Fence
 from streamload.engine._boundary import single
+from streamload.engine._direct import DIRECT_ALIGN, DirectReads, align_up
 from streamload.engine._flight import ChunkTimes, InFlight
 from streamload.engine._units import STAGING_ALIGN, Chunk, Unit, runs
 from streamload.errors import CheckpointError, StreamloadError, TruncatedDataError
+from streamload.events import DirectIOFallback
 from streamload.model import ModelSpec
 from streamload.params import LoadParams
 from streamload.sources import SourceFiles
@@ -143,22 +145,27 @@ Feed = Callable[[Path, int, list[torch.Tensor], bool], None]
 
 
 def read_direct(
-    files: SourceFiles, chunk: Chunk, feed: Feed | None = None, stable: bool = True
+    files: SourceFiles,
+    chunk: Chunk,
+    feed: Feed | None = None,
+    stable: bool = True,
+    direct: DirectReads | None = None,
 ) -> ChunkTimes:
     """Read ``chunk`` straight into its host destinations (blocking), faulting in first the
     4 KiB pages the pieces say (``_hostmem.prefault``); returns when the read ran.
     ``stable``: the destinations keep these bytes after the read (no conversion buffer, which
-    a later unit may reuse)."""
+    a later unit may reuse). ``direct``: with ``O_DIRECT`` where the filesystem allows."""
     started = time.perf_counter()
     for piece in chunk.pieces:
         if piece.fault_from < len(piece.dst):
             _hostmem.prefault(piece.dst[piece.fault_from :])
-    views = [host_view(piece.dst) for piece in chunk.pieces]
-    try:
-        files.read(chunk.path, views, chunk.offset, chunk.pieces[0].tensor)
-    finally:
-        for view in views:
-            view.release()
+    if direct is None or not direct.read_pieces(chunk):
+        views = [host_view(piece.dst) for piece in chunk.pieces]
+        try:
+            files.read(chunk.path, views, chunk.offset, chunk.pieces[0].tensor)
+        finally:
+            for view in views:
+                view.release()
     if feed is not None:
         feed(chunk.path, chunk.offset, [piece.dst for piece in chunk.pieces], stable)
     ended = time.perf_counter()
@@ -186,36 +193,52 @@ class Slot:
     buffer: torch.Tensor  # uint8 host buffer (pinned on CUDA)
     view: memoryview  # writable view of the same bytes, for preadv
     fence: Fence | None = None
+    aligned: int = 0  # the buffer's first DIRECT_ALIGN-aligned byte (O_DIRECT reads start there)
 
 
 def read_staged(
-    files: SourceFiles, device: Device, chunk: Chunk, slot: Slot, feed: Feed | None = None
+    files: SourceFiles,
+    device: Device,
+    chunk: Chunk,
+    slot: Slot,
+    feed: Feed | None = None,
+    direct: DirectReads | None = None,
 ) -> tuple[Fence, ChunkTimes]:
     """Read ``chunk`` into ``slot`` and start its copies to ``device`` (blocking); returns the
     fence of the last copy (copies to one device complete in order) and when the read and the
-    copy submissions ran (waiting for the slot's previous copy is neither)."""
+    copy submissions ran (waiting for the slot's previous copy is neither). ``direct``: with
+    ``O_DIRECT`` where the filesystem allows (the aligned span around the chunk)."""
     if slot.fence is not None:
         await_fence(slot.fence)  # the previous copy out of this slot has finished
         slot.fence = None
     started = time.perf_counter()
-    tensor = chunk.pieces[0].tensor
-    lead = chunk.offset % STAGING_ALIGN  # co-align with the page cache
-    if lead + chunk.nbytes > len(slot.view):
-        lead = 0
-    view = slot.view[lead : lead + chunk.nbytes]
-    files.read(chunk.path, [view], chunk.offset, tensor)
+    lead = None if direct is None else direct.read_staged(chunk, slot.view, slot.aligned)
+    if lead is None:
+        lead = _read_buffered(files, chunk, slot)
     if feed is not None:
         feed(chunk.path, chunk.offset, [slot.buffer[lead : lead + chunk.nbytes]], False)
     read = time.perf_counter()
     fence: Fence | None = None
     for piece in chunk.pieces:
-        if piece.fault_from < len(piece.dst) and piece.dst.device.type == "cpu":
+        # Host-memory devices' destinations take host page faults (a pre-faulted arena none).
+        if piece.fault_from < len(piece.dst) and device.host_memory:
             _hostmem.prefault(piece.dst[piece.fault_from :])
         at = lead + piece.at
         fence = device.copy_from_host(piece.dst, slot.buffer[at : at + piece.dst.numel()])
     assert fence is not None
     slot.fence = fence
     return fence, ChunkTimes(started, read, time.perf_counter())
+
+
+def _read_buffered(files: SourceFiles, chunk: Chunk, slot: Slot) -> int:
+    """Read ``chunk`` into ``slot`` through the page cache, co-aligned with it; returns where
+    the chunk's first byte landed."""
+    lead = chunk.offset % STAGING_ALIGN  # co-align with the page cache
+    if lead + chunk.nbytes > len(slot.view):
+        lead = 0
+    view = slot.view[lead : lead + chunk.nbytes]
+    files.read(chunk.path, [view], chunk.offset, chunk.pieces[0].tensor)
+    return lead
 
 
 def usable_cpus() -> int:
@@ -252,17 +275,21 @@ class StagingRing:
         self._available = anyio.Semaphore(len(slots))
 
     @staticmethod
-    def make_slots(device: Device, count: int, slot_bytes: int) -> list[Slot]:
-        """``count`` host buffers from ``device`` (pinned on CUDA; blocking)."""
+    def make_slots(device: Device, count: int, slot_bytes: int, direct: bool = False) -> list[Slot]:
+        """``count`` host buffers from ``device`` (pinned on CUDA; blocking). ``direct``: each
+        with room for the 4 KiB-aligned span around any chunk of ``slot_bytes`` from its first
+        aligned byte (two 4 KiB blocks more: one for the span, one for the buffer's start)."""
+        size = align_up(slot_bytes) + 2 * DIRECT_ALIGN if direct else slot_bytes
         slots = []
         for _ in range(count):
-            buffer = device.host_buffer(slot_bytes)
-            slots.append(Slot(buffer, host_view(buffer)))
+            buffer = device.host_buffer(size)
+            aligned = -buffer.data_ptr() % DIRECT_ALIGN if direct else 0
+            slots.append(Slot(buffer, host_view(buffer), aligned=aligned))
         return slots
 
     @property
     def nbytes(self) -> int:
-        return self.slot_bytes * len(self._slots)
+        return sum(slot.buffer.numel() for slot in self._slots)
 
     async def acquire(self) -> Slot:
         await self._available.acquire()
@@ -350,8 +377,13 @@ class Reader:
         on_filled: Callable[[InFlight], None],
         files: SourceFiles | None = None,
         feed: Feed | None = None,
+        direct: DirectReads | None = None,
     ) -> None:
         self.files: SourceFiles = Files(spec) if files is None else files
+        # O_DIRECT reads of local files (``LoadParams.direct_io``); ``direct``: given by a test.
+        if direct is None and params.direct_io is not False and self.files.local:
+            direct = DirectReads(self.files)
+        self.direct = direct
         self._feed = feed
         self._params = params
         self._on_filled = on_filled
@@ -365,6 +397,11 @@ class Reader:
         """Host bytes in the staging ring (0 while no staged unit was read)."""
         return 0 if self._ring is None else self._ring.nbytes
 
+    def take_notices(self) -> list[DirectIOFallback]:
+        """Refusals of ``O_DIRECT`` since the last call, each once (the orchestrator emits
+        them)."""
+        return [] if self.direct is None else self.direct.take_notices()
+
     def start(self, flight: InFlight, group: anyio.abc.TaskGroup) -> None:
         """Start reading ``flight`` in ``group`` (on the event loop)."""
         if flight.device.staged:
@@ -375,16 +412,20 @@ class Reader:
             for _ in range(self._queue.put(flight)):
                 group.start_soon(self._lane)
 
-    def prefetch(self, unit: Unit, probe: Callable[[], object]) -> None:
+    def prefetch(self, unit: Unit, probe: Callable[[], bool]) -> None:
         """Ask the kernel to start reading ``unit``'s bytes into the page cache now, so the
         disk works ahead of the allocation window (no process memory is used); blocking.
         ``probe`` runs first (the page-cache warmth probe must see the cache before the
-        read-ahead fills it). Best effort: a file that cannot be opened is reported by the
-        read, in context."""
+        read-ahead fills it); it answers whether the unit is read with ``O_DIRECT``, and then
+        no advice is given (the disk would read the bytes twice: into the cache, then past it).
+        Best effort: a file that cannot be opened is reported by the read, in context."""
         if not hasattr(os, "posix_fadvise") or not self.files.local:
             return
+        direct = False
         with contextlib.suppress(OSError, StreamloadError):
-            probe()
+            direct = probe()
+        if direct and self.direct is not None:
+            return
         for path, start, end in runs(unit):
             with contextlib.suppress(OSError, StreamloadError):
                 os.posix_fadvise(self.files.fd(path), start, end - start, os.POSIX_FADV_WILLNEED)
@@ -395,6 +436,9 @@ class Reader:
             with contextlib.suppress(Exception):
                 self._ring.close()
             self._ring = None
+        if self.direct is not None:
+            with contextlib.suppress(OSError):
+                self.direct.close()
         self.files.close()
 
     def _filled(self, flight: InFlight) -> None:
@@ -424,6 +468,7 @@ class Reader:
                 chunk,
                 slot,
                 self._feed,
+                self.direct if flight.direct_io else None,
                 limiter=self._limiter,
             )
             flight.fences.append(fence)
@@ -438,8 +483,9 @@ class Reader:
             if self._ring is None:
                 params = self._params
                 count = ring_slots(params, usable_cpus())
+                direct = self.direct is not None
                 slots = await anyio.to_thread.run_sync(
-                    StagingRing.make_slots, device, count, params.chunk_bytes
+                    StagingRing.make_slots, device, count, params.chunk_bytes, direct
                 )
                 self._ring = StagingRing(slots, params.chunk_bytes)
         return self._ring
@@ -460,11 +506,12 @@ class Reader:
             flight, chunk = item
             error: BaseException | None = None
             times: ChunkTimes | None = None
+            direct = self.direct if flight.direct_io else None
             try:
-                if flight.error is None and self._feed is None:
+                if flight.error is None and self._feed is None and direct is None:
                     times = read_direct(self.files, chunk)
                 elif flight.error is None:
-                    times = read_direct(self.files, chunk, self._feed, not flight.raw)
+                    times = read_direct(self.files, chunk, self._feed, not flight.raw, direct)
             except Exception as exc:
                 error = exc
             if queue.read(flight, error, times):

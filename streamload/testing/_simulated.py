@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from streamload import _hostmem
 from streamload.devices import DONE, Fence
 from streamload.errors import format_bytes
+from streamload.testing._arena import Arena, arena_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -123,6 +124,11 @@ class SimulatedGPU:
     context costs, charged like another tenant's memory at the first allocation or at
     ``prepare()``, whichever comes first, as a real GPU's primary context is.
     ``staged=False`` makes the engine read straight into its memory, like the CPU.
+    ``prefault=True`` gives it device memory as a GPU's caching allocator does: one arena of
+    ``total_bytes`` faulted in at construction (``arena``), each tensor a block carved from it
+    (512-byte aligned and charged so; a freed block is reused), so a load measures read, ring
+    and copy, not host page faults; it is not host memory to the engine (no huge pages, no
+    pre-faulting), and a fragmented arena is out of memory as a full one is.
 
     Hooks for failure tests: ``on_allocate(nbytes)`` runs before each allocation (outside the
     device's lock: it may ``steal``, or raise to fail the allocation) and
@@ -142,6 +148,7 @@ class SimulatedGPU:
         copy_delay: float = 0.0,
         on_allocate: Callable[[int], None] | None = None,
         context_bytes: int = 0,
+        prefault: bool = False,
     ) -> None:
         if total_bytes < 0:
             raise ValueError(f"total_bytes must be >= 0, got {total_bytes}")
@@ -167,6 +174,7 @@ class SimulatedGPU:
         self.context_bytes = context_bytes
         self._context = False
         self._copier = _Copier(name)
+        self.arena = Arena(total_bytes) if prefault else None
 
     # -- Device protocol ---------------------------------------------------------------------
 
@@ -209,7 +217,7 @@ class SimulatedGPU:
             return self._free()
 
     # Host memory: the engine passes ``huge_pages`` to ``empty`` as for CPU tensors.
-    host_memory = property(lambda self: True, doc="Its memory is host memory.")
+    host_memory = property(lambda self: self.arena is None, doc="Host memory (no arena).")
     # By object identity: two ``SimulatedGPU("sim:0")`` objects are two devices.
     ledger_key = property(lambda self: f"{self._name}@{id(self):x}", doc="Its ledger key.")
 
@@ -222,6 +230,7 @@ class SimulatedGPU:
         if any(size < 0 for size in shape):
             raise ValueError(f"negative dimension in shape {shape}")
         nbytes = math.prod(shape) * dtype.itemsize
+        charge = nbytes if self.arena is None else arena_bytes(nbytes)
         with self._lock:
             self._attempts += 1
             injected = self._attempts in self._fail_at
@@ -234,17 +243,20 @@ class SimulatedGPU:
         with self._lock:
             self._create_context()
             self._settle()
-            fits = nbytes <= self._free()
+            fits = charge <= self._free()
             if fits:
-                self._allocated += nbytes
+                self._allocated += charge
                 charged = self._allocated
         if not fits:
             raise self._oom(nbytes, "exceeds live free memory")
         try:
-            tensor = _materialise(self._credits, shape, dtype, nbytes, huge_pages)
+            tensor = _materialise(self._credits, shape, dtype, charge, huge_pages, self.arena)
         except BaseException:
-            self._credits.credit(nbytes)
+            self._credits.credit(charge)
             raise
+        if tensor is None:
+            self._credits.credit(charge)
+            raise self._oom(nbytes, "no free block that long in the arena")
         with self._lock:
             self._peak = max(self._peak, charged)
             self._allocations += 1
@@ -387,9 +399,15 @@ class SimulatedGPU:
 
 
 def _materialise(
-    credits: _Credits, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int, huge_pages: bool
-) -> torch.Tensor:
-    """A tensor over fresh host memory whose release credits ``nbytes`` to ``credits``.
+    credits: _Credits,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    nbytes: int,
+    huge_pages: bool,
+    arena: Arena | None = None,
+) -> torch.Tensor | None:
+    """A tensor over fresh host memory (or a block of ``arena``; ``None`` when none is free)
+    whose release credits ``nbytes`` to ``credits`` (and gives the block back).
 
     The memory map is the only owner of the bytes; ``torch.frombuffer`` keeps it alive for
     exactly as long as the tensor storage (every view, Parameter or dtype view of it), and
@@ -399,6 +417,16 @@ def _materialise(
 
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
+    if arena is not None:
+        start = arena.carve(nbytes)
+        if start is None:
+            return None
+
+        def freed(start: int = start) -> None:
+            arena.free(start, nbytes)
+            credits.credit(nbytes)
+
+        return arena.tensor(start, shape, dtype, math.prod(shape) * dtype.itemsize, freed)
     offset = 0
     if huge_pages and nbytes >= _hostmem.HUGE_PAGE and hasattr(mmap, "MAP_ANONYMOUS"):
         block, offset = _hostmem.huge_mapping(nbytes)
