@@ -236,16 +236,18 @@ class DirectReads:
 
     def _refuse_locked(self, path: Path, reason: str) -> None:
         """Read ``path`` and its filesystem's other files buffered from now on (lock held).
-        Its descriptor stays open until ``close``: another reader may be using it now."""
-        fd = self._fds.get(path)
-        if fd is not None:
-            self._retired.append(fd)
-        self._fds[path] = None
+        Their descriptors stay open until ``close``: other readers may be using them now."""
         device = self._devices.get(path)
         if device is None or device not in self._refused:
             self._notices.append(DirectIOFallback(str(path), reason))
         if device is not None:
             self._refused.add(device)
+        for other, fd in list(self._fds.items()):
+            if other == path or (device is not None and self._devices.get(other) == device):
+                if fd is not None:
+                    self._retired.append(fd)
+                self._fds[other] = None
+        self._fds[path] = None
 
     def _span(self, path: Path, view: memoryview, offset: int, need: int, tensor: str) -> bool:
         """Fill ``view`` (aligned address and length) from ``path`` at ``offset`` (aligned),
