@@ -167,3 +167,39 @@ def test_a_round_takes_the_stall_from_its_heartbeat_run_or_reports_why_not(
     assert "worst_loop_gap_ms" not in second
     assert "exit status 1: boom" == second["stall_error"]
     assert all("worst_loop_gap_ms" not in r for r in runs["disk"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "streamload-direct",
+        "streamload-direct-auto",
+        "streamload-sim-arena",
+        "streamload-sim-arena-direct",
+    ],
+)
+def test_the_direct_and_arena_methods_hold_every_tensor_bit_identical(
+    checkpoint: Path, name: str
+) -> None:
+    from safetensors.torch import load_file
+
+    from benchmarks.methods import shard_files
+
+    loaded = METHODS[name].run(checkpoint)
+
+    expected = sorted(
+        (
+            t.contiguous().view(-1).view(torch.uint8)
+            for path in shard_files(checkpoint)
+            for t in load_file(path).values()
+        ),
+        key=lambda t: (t.numel(), t[:64].tolist()),
+    )
+    got = sorted(
+        (t.contiguous().view(-1).view(torch.uint8) for t in loaded.tensors),
+        key=lambda t: (t.numel(), t[:64].tolist()),
+    )
+    assert sum(t.nbytes for t in expected) == loaded.bytes_read
+    assert len(expected) == len(got)
+    for want, have in zip(expected, got, strict=True):
+        assert torch.equal(want, have)
