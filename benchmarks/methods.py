@@ -178,8 +178,8 @@ def run_streamload(
     of ``anyio.run`` to its return, the event loop's start included (``loop_seconds`` is the
     load's time inside the loop). With ``heartbeat``, a task on the same loop wakes every 1 ms
     and the worst gap between its wake-ups is reported (``worst_loop_gap_ms``). ``target``
-    ``"sim-arena"``: a pre-faulted ``SimulatedGPU`` with room for the checkpoint and 1 GiB more,
-    made (and faulted in) before the timing starts."""
+    ``"sim-arena"``: a pre-faulted ``SimulatedGPU`` just large enough for the default plan
+    (``arena_bytes``), made (and faulted in) before the timing starts."""
     import anyio
     import anyio.lowlevel
 
@@ -190,8 +190,7 @@ def run_streamload(
         [SimulatedGPU("sim:0", total_bytes=64 * 2**30)] if target == "sim" else ["cpu"]
     )
     if target == "sim-arena":
-        arena = tensor_bytes(directory) + 2**30
-        devices = [SimulatedGPU("sim:0", total_bytes=arena, prefault=True)]
+        devices = [SimulatedGPU("sim:0", total_bytes=arena_bytes(directory), prefault=True)]
     # Only what the row names is set: every other field keeps its default.
     params = streamload.LoadParams(devices=devices, cpu_policy=policy)
     if huge_pages is not None:
@@ -230,6 +229,21 @@ def run_streamload(
     if heartbeat:
         extras |= {"worst_loop_gap_ms": worst * 1000, "worst_loop_gap_at_s": worst_at}
     return Loaded(seconds, model.report.stored_bytes, list(model.tensors.values()), extras)
+
+
+def arena_bytes(directory: Path) -> int:
+    """The size of a simulated GPU that holds the checkpoint under the default ``LoadParams``:
+    what its plan needs there (weights, KV, activations, conversion scratch) plus the reserve
+    (``max(2% of it, 512 MiB)``) and 64 MiB to spare. Every byte of a pre-faulted arena is
+    faulted in, so it is sized to the load rather than to a large GPU."""
+    import streamload
+    from streamload.testing import SimulatedGPU
+
+    probe = SimulatedGPU("sim:0", total_bytes=2**40)
+    row = streamload.plan(directory, streamload.LoadParams(devices=[probe])).devices[0]
+    need = row.weight_bytes + row.kv_bytes + row.activation_bytes + row.scratch_bytes
+    reserve = streamload.LoadParams().reserve_min_bytes
+    return int(max(need + reserve, need / 0.98)) + 64 * 2**20
 
 
 def run_transformers(directory: Path) -> Loaded:
