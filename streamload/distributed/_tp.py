@@ -87,21 +87,24 @@ class TensorParallel:
 
 # The llama family's plan, as transformers' config classes state it (``base_model_tp_plan``),
 # plus what their causal-LM classes add (``lm_head``).
-_LLAMA: dict[str, Style] = {
+_ATTENTION: dict[str, Style] = {
     "layers.*.self_attn.q_proj": "colwise",
     "layers.*.self_attn.k_proj": "colwise",
     "layers.*.self_attn.v_proj": "colwise",
     "layers.*.self_attn.o_proj": "rowwise",
-    "layers.*.mlp.gate_proj": "colwise",
-    "layers.*.mlp.up_proj": "colwise",
-    "layers.*.mlp.down_proj": "rowwise",
     "lm_head": "colwise",
 }
-_QWEN3: dict[str, Style] = {
-    **_LLAMA,
+_NORMS: dict[str, Style] = {
     "layers.*.self_attn.q_norm": "replicate",
     "layers.*.self_attn.k_norm": "replicate",
 }
+_LLAMA: dict[str, Style] = {
+    **_ATTENTION,
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}
+_QWEN3: dict[str, Style] = {**_LLAMA, **_NORMS}
 
 BUILTIN_PLANS: Mapping[str, Mapping[str, Style]] = {
     "llama": _LLAMA,
@@ -110,7 +113,7 @@ BUILTIN_PLANS: Mapping[str, Mapping[str, Style]] = {
     "qwen3": _QWEN3,
     "gemma": _LLAMA,
     "gemma2": _LLAMA,
-    "mixtral": _LLAMA,
+    "mixtral": _ATTENTION,  # its experts: ``_EXPERTS``
     "qwen2_moe": _LLAMA,
     "qwen3_moe": _QWEN3,
 }
