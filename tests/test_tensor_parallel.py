@@ -41,7 +41,6 @@ from streamload.engine._units import (
 from streamload.model import ModelSpec
 from streamload.testing import SimulatedGPU
 from tests.engine_support import (
-    HEAD_DIM,
     HIDDEN,
     INTER,
     KV_HEADS,
@@ -134,7 +133,7 @@ def test_fewer_kv_heads_than_ranks_replicates_k_and_v(spec: ModelSpec) -> None:
     tp = resolve_tp(spec, 4)
     assert "model.layers.0.self_attn.k_proj.weight" not in tp.dims
     assert 0 == tp.dims["model.layers.0.self_attn.q_proj.weight"]
-    reasons = {name: why for name, why in tp.replicated}
+    reasons = dict(tp.replicated)
     assert "2 key/value heads < 4" in reasons["model.layers.0.self_attn.v_proj.weight"]
     rank = shard_spec(spec, tp, 3)
     assert spec.layers[0].kv_elems_per_token // KV_HEADS == rank.layers[0].kv_elems_per_token
@@ -165,7 +164,10 @@ def test_a_split_module_with_a_quantized_side_tensor_is_a_plan_error(tmp_path: P
     """Only a module's weight and bias split: a packed quantized tensor is named."""
     tensors = llama_tensors(1)
     ckpt = write_checkpoint(tmp_path, tensors, llama_config(1), shards=1)
-    with pytest.raises(streamload.PlanError, match=r"^model.layers.0.mlp.gate_proj.(qweight|scales): .* splits only a module.s weight and bias"):
+    with pytest.raises(
+        streamload.PlanError,
+        match=r"^model.layers.0.mlp.gate_proj.(qweight|scales): .* splits only a module.s weight",
+    ):
         resolve_tp(streamload.inspect(ckpt), 2)
 
 
