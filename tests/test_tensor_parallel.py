@@ -29,6 +29,7 @@ from streamload.distributed import (
     slice_entry,
     split_stages,
 )
+from streamload.distributed._load import _deliver_replicated
 from streamload.engine._units import (
     MAX_IOVECS,
     Destination,
@@ -38,6 +39,7 @@ from streamload.engine._units import (
     runs,
     units,
 )
+from streamload.events import ExpertsReplicated
 from streamload.model import ModelSpec
 from streamload.testing import SimulatedGPU
 from tests.engine_support import (
@@ -101,7 +103,8 @@ def test_builtin_plans_equal_the_transformers_config_classes() -> None:
     mapped = {"replicated_with_grad_allreduce": "replicate"}
     for model_type, plan in BUILTIN_PLANS.items():
         config = transformers.AutoConfig.for_model(model_type)
-        expected = {k: mapped.get(v, v) for k, v in type(config).base_model_tp_plan.items()}
+        stated = type(config).base_model_tp_plan or {}
+        expected = {k: mapped.get(v, v) for k, v in stated.items()}
         dense = {k: v for k, v in expected.items() if ".experts" not in k}
         assert {**dense, "lm_head": "colwise"} == dict(plan), model_type
 
@@ -171,9 +174,10 @@ def test_a_split_module_with_a_quantized_side_tensor_is_a_plan_error(tmp_path: P
         resolve_tp(streamload.inspect(ckpt), 2)
 
 
-def test_experts_split_per_expert_or_are_replicated_with_a_reason(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_experts_split_per_expert_or_are_replicated_with_a_warning(tmp_path: Path) -> None:
     """Mixtral's per-expert w1/w3 split colwise, w2 rowwise; with an explicit plan that does
-    not name them, they are replicated and listed."""
+    not name them, they are replicated, and the load warns with an ``ExpertsReplicated``."""
     gen = torch.Generator().manual_seed(0)
     tensors = {"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=gen)}
     for e in range(2):
@@ -190,6 +194,13 @@ def test_experts_split_per_expert_or_are_replicated_with_a_reason(tmp_path: Path
     explicit = resolve_tp(spec, 2, {"embed_tokens": "vocab"})
     assert 6 == len(explicit.replicated)
     assert {"model.embed_tokens.weight": 0} == dict(explicit.dims)
+    seen: list[object] = []
+    await _deliver_replicated(seen.append, explicit, "ckpt")
+    (event,) = seen
+    assert isinstance(event, ExpertsReplicated)
+    assert (6, 2, "ckpt") == (len(event.tensors), event.tensor_parallel_size, event.path)
+    await _deliver_replicated(seen.append, tp, "ckpt")
+    assert 1 == len(seen)  # split experts: no warning
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,12 +50,14 @@ def tensor_parallel_forward(model: DistributedModel, config: dict[str, Any]) -> 
     and width: the row-parallel outputs (``o_proj``, ``down_proj``) are summed over the ranks
     with an all-reduce, the column-parallel head's logits gathered along the vocabulary."""
     size = model.stage.tp_size
-    local = transformers.LlamaConfig(
-        **{**config, "num_attention_heads": config["num_attention_heads"] // size},
-        attn_implementation="eager",
-    )
-    local.num_key_value_heads = config["num_key_value_heads"] // size
-    local.intermediate_size = config["intermediate_size"] // size
+    share: dict[str, Any] = {
+        **config,
+        "num_attention_heads": config["num_attention_heads"] // size,
+        "num_key_value_heads": config["num_key_value_heads"] // size,
+        "intermediate_size": config["intermediate_size"] // size,
+        "attn_implementation": "eager",
+    }
+    local = transformers.LlamaConfig(**share)
     with torch.device("meta"):
         llama = transformers.LlamaForCausalLM(local)
         llama.lm_head = torch.nn.Linear(config["hidden_size"], config["vocab_size"] // size, False)

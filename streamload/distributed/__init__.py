@@ -74,7 +74,6 @@ from streamload.distributed._load import load_distributed
 from streamload.distributed._results import (
     DistributedEventCallback,
     DistributedModel,
-    ExpertsReplicated,
     RankSummary,
     StageAssigned,
 )
@@ -104,7 +103,6 @@ __all__ = [
     "DistributedEventCallback",
     "DistributedModel",
     "DistributedPlan",
-    "ExpertsReplicated",
     "RankCapacity",
     "RankFailedError",
     "RankSummary",

@@ -25,15 +25,10 @@ from streamload._cmdline import (
 )
 from streamload.distributed._channel import DEFAULT_TIMEOUT
 from streamload.distributed._load import load_distributed
-from streamload.distributed._results import (
-    DistributedModel,
-    ExpertsReplicated,
-    RankSummary,
-    StageAssigned,
-)
+from streamload.distributed._results import DistributedModel, RankSummary, StageAssigned
 from streamload.distributed._stages import _layers_text, _span
 from streamload.errors import StreamloadError, format_bytes
-from streamload.events import Event, LayerPlaced, Replanned
+from streamload.events import Event, ExpertsReplicated, LayerPlaced, Replanned
 from streamload.params import LoadParams
 
 __all__ = ["main", "report_table"]
@@ -47,7 +42,7 @@ class _Progress:
         self.out = out
         self.start = 0
 
-    def __call__(self, event: Event | StageAssigned | ExpertsReplicated) -> None:
+    def __call__(self, event: Event | StageAssigned) -> None:
         if isinstance(event, ExpertsReplicated):
             self.line(f"warning: {len(event.tensors)} expert tensors replicated: {event.reason}")
         elif isinstance(event, StageAssigned):

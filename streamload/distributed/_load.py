@@ -24,7 +24,6 @@ from streamload.distributed._failure import _Failure
 from streamload.distributed._results import (
     DistributedEventCallback,
     DistributedModel,
-    ExpertsReplicated,
     RankSummary,
     StageAssigned,
     _summary,
@@ -40,6 +39,7 @@ from streamload.distributed._stages import (
 from streamload.distributed._tp import NO_EXPERT_PLAN, TensorParallel, resolve_tp
 from streamload.engine import LoadedModel, load
 from streamload.errors import DistributedError, RankFailedError
+from streamload.events import ExpertsReplicated, emit
 from streamload.model import ModelSpec
 from streamload.params import LoadParams
 
@@ -145,7 +145,7 @@ async def _run(
     # Every rank agreed on the checkpoint and the request: each resolves the same split (or
     # raises the same PlanError) on its own, before any tensor byte is read.
     tp = resolve_tp(local.spec, request.size, request.plan)
-    await _deliver_replicated(on_event, tp)
+    await _deliver_replicated(on_event, tp, path)
     plan = await _agree_on_plan(channel, local, surveys, params, tp)
     stage = plan.stage(channel.rank)
     _log_stage(stage)
@@ -302,19 +302,15 @@ def _log_stage(stage: Stage) -> None:
 
 
 async def _deliver_replicated(
-    callback: DistributedEventCallback | None, tp: TensorParallel
+    callback: DistributedEventCallback | None, tp: TensorParallel, path: str | Path
 ) -> None:
-    """Warn of experts (and GQA projections) held whole on every rank of a stage."""
+    """Warn (an ``ExpertsReplicated`` event) of experts every rank of a stage holds whole."""
     experts = tuple(name for name, why in tp.replicated if why == NO_EXPERT_PLAN)
     if experts:
-        event = ExpertsReplicated(experts, NO_EXPERT_PLAN, tp.size)
-        logger.warning("experts_replicated", tensors=len(experts), reason=event.reason)
-        await _deliver(callback, event)
+        await emit(ExpertsReplicated(experts, NO_EXPERT_PLAN, tp.size, str(path)), callback)
 
 
-async def _deliver(
-    callback: DistributedEventCallback | None, event: StageAssigned | ExpertsReplicated
-) -> None:
+async def _deliver(callback: DistributedEventCallback | None, event: StageAssigned) -> None:
     if callback is None:
         return
     result = callback(event)

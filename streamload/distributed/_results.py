@@ -1,5 +1,5 @@
-"""What a distributed load delivers: the ``StageAssigned`` and ``ExpertsReplicated`` events,
-each rank's ``RankSummary``, and this rank's ``DistributedModel``."""
+"""What a distributed load delivers: the ``StageAssigned`` event, each rank's ``RankSummary``,
+and this rank's ``DistributedModel``."""
 
 from __future__ import annotations
 
@@ -14,13 +14,7 @@ from streamload.distributed._tp import Shard
 from streamload.engine._loaded import LoadedModel, Releasable
 from streamload.events import DeviceReport, Event, Replanned
 
-__all__ = [
-    "DistributedEventCallback",
-    "DistributedModel",
-    "ExpertsReplicated",
-    "RankSummary",
-    "StageAssigned",
-]
+__all__ = ["DistributedEventCallback", "DistributedModel", "RankSummary", "StageAssigned"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,20 +29,7 @@ class StageAssigned:
     stage: Stage
 
 
-@dataclass(frozen=True, slots=True)
-class ExpertsReplicated:
-    """A warning: no tensor-parallel plan splits these mixture-of-experts tensors, so every
-    rank of a stage holds them whole (``tensors``: their names; ``tensor_parallel_size``).
-    Delivered before ``StageAssigned``; pass ``tp_plan=`` to split them."""
-
-    tensors: tuple[str, ...]
-    reason: str
-    tensor_parallel_size: int
-
-
-DistributedEventCallback: TypeAlias = Callable[
-    [Event | StageAssigned | ExpertsReplicated], Awaitable[None] | None
-]
+DistributedEventCallback: TypeAlias = Callable[[Event | StageAssigned], Awaitable[None] | None]
 
 
 @dataclass(frozen=True, slots=True)
