@@ -32,6 +32,7 @@ __all__ = [
     "DirectIOFallback",
     "Event",
     "EventCallback",
+    "ExpertsReplicated",
     "FileCheck",
     "LayerPlaced",
     "LayersMoved",
@@ -183,6 +184,18 @@ class MaxSeqLenClamped:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpertsReplicated:
+    """A tensor-parallel load found mixture-of-experts tensors no plan splits: every rank of a
+    stage holds them whole (``tensors``: their names; ``tensor_parallel_size``: the ranks per
+    stage). Pass ``tp_plan=`` to split them."""
+
+    tensors: tuple[str, ...]
+    reason: str
+    tensor_parallel_size: int
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryReadingFallback:
     """A device's live free memory is read another way from now on (a CUDA GPU whose NVML
     reading failed: ``cudaMemGetInfo`` instead); ``reason`` says what failed."""
@@ -317,6 +330,7 @@ Event: TypeAlias = (
     | MemoryReadingFallback
     | DirectIOFallback
     | MaxSeqLenClamped
+    | ExpertsReplicated
     | LoadFinished
     | LoadFailed
     | LoadCancelled
@@ -335,6 +349,7 @@ _EVENT_NAMES: Mapping[type[Any], str] = {
     MemoryReadingFallback: "memory_reading_fallback",
     DirectIOFallback: "direct_io_fallback",
     MaxSeqLenClamped: "max_seq_len_clamped",
+    ExpertsReplicated: "experts_replicated",
     LoadFinished: "load_finished",
     LoadFailed: "load_failed",
     LoadCancelled: "load_cancelled",
@@ -448,7 +463,8 @@ def log_event(event: Event, log: Any = None) -> None:
         | LayersMoved
         | MemoryReadingFallback
         | DirectIOFallback
-        | MaxSeqLenClamped,
+        | MaxSeqLenClamped
+        | ExpertsReplicated,
     )
     if log is None and not structlog.is_configured():
         level = logging.WARNING if warning else logging.INFO
