@@ -334,14 +334,16 @@ def test_stages_are_groups_of_consecutive_ranks(spec: ModelSpec) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("direct_io", [False, True])
 @pytest.mark.parametrize("device", ["cpu", "staged", "unstaged"])
 @pytest.mark.parametrize("size", [2, 4])
 async def test_every_path_loads_slices_that_concatenate_to_the_checkpoint(
-    ckpt: Path, spec: ModelSpec, device: str, size: int
+    ckpt: Path, spec: ModelSpec, device: str, size: int, direct_io: bool
 ) -> None:
     """Each rank's slices through the CPU, a staged and an unstaged simulated GPU: put back
     together they equal safetensors' load bit for bit; a dim-0 split reads its slice's bytes
-    only (the whole rank reads its slices plus the holes of dim-1 rows it reads through)."""
+    only (the whole rank reads its slices plus the holes of dim-1 rows it reads through).
+    Under ``direct_io`` too (strided slices are read through the page cache)."""
     tp = resolve_tp(spec, size)
     parts = []
     for index in range(size):
@@ -349,7 +351,7 @@ async def test_every_path_loads_slices_that_concatenate_to_the_checkpoint(
         if device != "cpu":
             devices = [SimulatedGPU("sim:0", total_bytes=GiB, staged=device == "staged")]
         rank = shard_spec(spec, tp, index)
-        model = await streamload.load(ckpt, params(devices), spec=rank)
+        model = await streamload.load(ckpt, params(devices, direct_io=direct_io), spec=rank)
         parts.append(dict(model.tensors))
         assert rank.stored_bytes <= model.read_bytes < spec.stored_bytes
         model.release()
