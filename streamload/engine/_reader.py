@@ -99,8 +99,18 @@ class Files:
             )
         return fd
 
-    def read(self, path: Path, views: list[memoryview], offset: int, tensor: str) -> None:
-        """Fill ``views`` from the shard at ``offset`` (``read_into``; blocking)."""
+    def read(
+        self,
+        path: Path,
+        views: list[memoryview],
+        offset: int,
+        tensor: str,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        """Fill ``views`` from the shard at ``offset`` (``read_into``; blocking), after
+        ``prepare``."""
+        if prepare is not None:
+            prepare()
         read_into(self.fd(path), views, offset, path, tensor)
 
     def head(self, path: Path, nbytes: int) -> bytes:
@@ -145,17 +155,21 @@ Feed = Callable[[Path, int, list[torch.Tensor], bool], None]
 def read_direct(
     files: SourceFiles, chunk: Chunk, feed: Feed | None = None, stable: bool = True
 ) -> ChunkTimes:
-    """Read ``chunk`` straight into its host destinations (blocking), faulting in first the
-    4 KiB pages the pieces say (``_hostmem.prefault``); returns when the read ran.
-    ``stable``: the destinations keep these bytes after the read (no conversion buffer, which
-    a later unit may reuse)."""
+    """Read ``chunk`` straight into its host destinations (blocking), faulting in the 4 KiB
+    pages the pieces say (``_hostmem.prefault``) before the bytes arrive: before a file's read,
+    while an object's response is on its way. Returns when the read ran. ``stable``: the
+    destinations keep these bytes after the read (no conversion buffer, which a later unit may
+    reuse)."""
     started = time.perf_counter()
-    for piece in chunk.pieces:
-        if piece.fault_from < len(piece.dst):
-            _hostmem.prefault(piece.dst[piece.fault_from :])
+
+    def prefault() -> None:
+        for piece in chunk.pieces:
+            if piece.fault_from < len(piece.dst):
+                _hostmem.prefault(piece.dst[piece.fault_from :])
+
     views = [host_view(piece.dst) for piece in chunk.pieces]
     try:
-        files.read(chunk.path, views, chunk.offset, chunk.pieces[0].tensor)
+        files.read(chunk.path, views, chunk.offset, chunk.pieces[0].tensor, prefault)
     finally:
         for view in views:
             view.release()
