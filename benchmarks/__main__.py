@@ -1,8 +1,9 @@
 """Run every benchmark: ``python -m benchmarks`` (what ``make bench`` runs).
 
-Plan time (``benchmarks.plan_time``), then load throughput and host memory warm and cold
-(``benchmarks.load_throughput``: streamload and the peer loaders, each run in its own process,
-alternating). Writes to ``benchmarks/results/``:
+Plan time (``benchmarks.plan_time``), then load throughput and host memory warm and cold, the
+headline: unprimed, each load in a fresh process, timed from the call
+(``benchmarks.load_throughput``: streamload and the peer loaders, alternating), then warm with
+memory primed for a few methods, a labelled extra column. Writes to ``benchmarks/results/``:
 
 - ``summary.json``: machine facts, the command, medians and ratios, plan time, loop stalls;
 - ``README_TABLE.md``: the same as markdown tables, for the README;
@@ -22,6 +23,14 @@ from benchmarks import load_throughput, machine, plan_time, report
 from benchmarks.methods import METHODS, shard_files
 
 ROOT = load_throughput.ROOT
+# The primed extra column: the default and its huge-page variants beside the baselines.
+PRIMED_METHODS = (
+    "disk",
+    "safetensors",
+    "streamload-cpu",
+    "streamload-cpu-huge",
+    "streamload-cpu-auto",
+)
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -43,15 +52,15 @@ def parser() -> argparse.ArgumentParser:
     # Five rounds: on a shared machine three medians still move by tens of percent.
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--modes", default="warm,cold", help="warm, cold or both")
+    p.add_argument(
+        "--modes",
+        default="warm,cold,warm-primed",
+        help="warm and cold (the headline) and warm-primed (a labelled extra: memory primed "
+        "before each load, for --primed-methods only)",
+    )
+    p.add_argument("--primed-methods", default=",".join(PRIMED_METHODS))
     p.add_argument("--no-plan-time", action="store_true", help="skip the plan-time benchmark")
     p.add_argument("--timeout", type=float, default=load_throughput.DEFAULT_TIMEOUT)
-    p.add_argument(
-        "--no-prime",
-        dest="prime",
-        action="store_false",
-        help="do not prime memory before each load (see load_throughput)",
-    )
     p.add_argument("--results", type=Path, default=RESULTS)
     return p
 
@@ -72,13 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     load_throughput.write_checkpoint(args.dir, args.size_gb)
     load: dict[str, Any] = {}
     for mode in args.modes.split(","):
+        primed = mode == "warm-primed"
+        chosen = [m for m in methods if m in args.primed_methods.split(",")] if primed else methods
         result = load_throughput.benchmark(
             args.dir,
-            methods,
+            chosen,
             args.rounds,
             cold=mode == "cold",
             timeout=args.timeout,
-            prime=args.prime,
+            prime=primed,
         )
         (results / f"load_{mode}.json").write_text(json.dumps(result, indent=2))
         load[mode] = result["methods"]
@@ -91,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": {"before": before, "after": machine.load_average()},
         "checkpoint": checkpoint_facts(args.dir),
         "rounds": args.rounds,
-        "primed": args.prime,
         "load": load,
         "plan_time": plan,
     }

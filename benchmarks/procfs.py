@@ -92,6 +92,21 @@ def prime(nbytes: int) -> None:
             area.close()
 
 
+# System-wide /proc/vmstat counters that say what fresh memory cost a load: huge pages found
+# at fault time or not, and direct compaction run to find them.
+VMSTAT_KEYS = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall", "compact_fail")
+
+
+def vmstat() -> dict[str, int]:
+    """``/proc/vmstat``'s ``VMSTAT_KEYS`` (empty where there is no such file)."""
+    try:
+        with open("/proc/vmstat") as f:
+            fields = dict(line.split() for line in f)
+    except OSError:
+        return {}
+    return {key: int(fields[key]) for key in VMSTAT_KEYS if key in fields}
+
+
 class AnonPeak:
     """Samples ``RssAnon`` every ``interval`` seconds on a thread; ``peak`` is the largest seen.
 

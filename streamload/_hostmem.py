@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 * 2**20  # a PMD-sized transparent huge page with 4 KiB base pages
 CACHE_LINE = 64
+PREFAULT_PIECE = 2 * 2**20  # bytes faulted in by one madvise call (``prefault``)
 _MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not in Python 3.11's mmap module
 _NR_CACHESTAT = 451  # Linux >= 6.5, the same number on every architecture
@@ -60,8 +61,15 @@ def prefault(tensor: torch.Tensor) -> None:
         return
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    aligned = start - start % PAGE
-    _libc.madvise(aligned, end - aligned, _MADV_POPULATE_WRITE)
+    # In pieces: the kernel holds the process's mmap_lock for reading through one call, and an
+    # mmap or munmap anywhere in the process (a Python arena, a new destination) waits for it
+    # and, once waiting, holds up every later reader: one 16 MiB call on memory the hypervisor
+    # has to back took the event loop's allocations with it for tens of milliseconds.
+    at = start - start % PAGE
+    while at < end:
+        piece = min(PREFAULT_PIECE - at % PREFAULT_PIECE, end - at)
+        _libc.madvise(at, piece, _MADV_POPULATE_WRITE)
+        at += piece
 
 
 def _anonymous(length: int) -> mmap.mmap:

@@ -261,17 +261,20 @@ class LoadParams:
 
     ``huge_pages`` decides whether host destinations (the memory a load reads CPU tensors into,
     under either CPU policy; a simulated GPU's tensors of at least 2 MiB, which are host memory too)
-    get transparent huge pages: ``True`` always, ``False`` never, ``"auto"`` (default) for each
+    get transparent huge pages: ``False`` (default) never, ``True`` always, ``"auto"`` for each
     layer or non-mapped part whose bytes are mostly (more than half, sampled) in the page cache when
-    the load reaches it, before its own read-ahead starts. Why: a warm load is bound by faulting in
-    and zeroing fresh pages plus one copy, and 2 MiB pages cut the faults 512-fold, while loads
-    that wait on the disk gain nothing from them and pay for the compaction that finds them
-    (``benchmarks/results/measurements.md`` has the figures). A unit's CPU tensors share one
-    mapping whose whole 2 MiB stretches get the advice (``streamload._hostmem.HostBlock``; each
-    tensor's storage is exactly its bytes, and the mapping goes when the last of them is freed); a
-    simulated GPU's tensor gets a mapping of its own (``streamload._hostmem.huge_mapping``). With
-    THP ``defrag`` at ``madvise`` the kernel may compact memory to find huge pages; ``False``
-    avoids that; THP ``never`` turns it off.
+    the load reaches it, before its own read-ahead starts. Why off by default: a warm load is bound
+    by faulting in fresh pages, and a 2 MiB page must come from a free 2 MiB block, which is the
+    memory a host has least ready: a virtual machine's guest hands free blocks of that size back
+    to its hypervisor (free page reporting), so each huge page costs a host fault on every 4 KiB
+    of it, and on a long-running host such blocks are found by compaction. In a fresh process on
+    memory as the machine left it, 4 KiB pages were faster warm and cold; huge pages win only
+    where memory has just been faulted in and freed (``benchmarks/results/measurements.md`` has
+    both). A unit's CPU tensors share one mapping whose whole 2 MiB stretches get the advice
+    (``streamload._hostmem.HostBlock``; each tensor's storage is exactly its bytes, and the
+    mapping goes when the last of them is freed); a simulated GPU's tensor gets a mapping of its
+    own (``streamload._hostmem.huge_mapping``). With THP ``defrag`` at ``madvise`` the kernel may
+    compact memory to find huge pages; THP ``never`` turns them off whatever this says.
 
     ``empty_cache_on_failure``: when a load fails or is cancelled, the device memory it freed is
     returned from torch's caching allocator (and its pinned staging ring from torch's pinned-host
@@ -303,7 +306,7 @@ class LoadParams:
     chunk_bytes: int = 16 * MiB
     reader_threads: int = 8
     max_replans: int = 8
-    huge_pages: bool | Literal["auto"] = "auto"
+    huge_pages: bool | Literal["auto"] = False
     empty_cache_on_failure: bool = True
     max_memory: Mapping[str, int | str] | None = None
     revision: str = "main"

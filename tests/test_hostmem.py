@@ -314,7 +314,7 @@ async def test_auto_follows_the_page_cache_per_unit_before_read_ahead(
 
     monkeypatch.setattr(_hostmem, "cached_fraction", fraction)
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
-    async with await streamload.load(big_ckpt, big_params(["cpu"])) as model:
+    async with await streamload.load(big_ckpt, big_params(["cpu"], huge_pages="auto")) as model:
         _assert_same(model.tensors, big_ckpt)
         for i in range(LAYERS):
             big = model.tensors[f"model.layers.{i}.mlp.big"]
@@ -340,7 +340,8 @@ async def test_auto_on_a_truly_evicted_checkpoint_uses_small_pages(big_ckpt: Pat
         pytest.skip("transparent huge pages are off on this machine")
     files = sorted(big_ckpt.glob("*.safetensors"))
     reference(big_ckpt)  # read every byte: cached
-    async with await streamload.load(big_ckpt, big_params(["cpu"])) as model:
+    auto = big_params(["cpu"], huge_pages="auto")
+    async with await streamload.load(big_ckpt, auto) as model:
         assert all(_huge_advised(t) for t in _big(model.tensors).values())
     for path in files:
         fd = os.open(path, os.O_RDONLY)
@@ -349,7 +350,7 @@ async def test_auto_on_a_truly_evicted_checkpoint_uses_small_pages(big_ckpt: Pat
                 pytest.skip("this filesystem keeps its pages (posix_fadvise DONTNEED ignored)")
         finally:
             os.close(fd)
-    async with await streamload.load(big_ckpt, big_params(["cpu"])) as model:
+    async with await streamload.load(big_ckpt, auto) as model:
         _assert_same(model.tensors, big_ckpt)
         assert not any(_huge_advised(t) for t in _big(model.tensors).values())
         assert model.report.huge_page_bytes == 0
@@ -383,7 +384,7 @@ async def test_simulated_gpu_memory_follows_the_same_rule(
         pytest.skip("transparent huge pages are off on this machine")
     monkeypatch.setattr(_hostmem, "cached_fraction", lambda ranges: 1.0 if warm else 0.0)
     gpu = SimulatedGPU("sim:0", total_bytes=2**30, staged=staged)
-    async with await streamload.load(big_ckpt, big_params([gpu])) as model:
+    async with await streamload.load(big_ckpt, big_params([gpu], huge_pages="auto")) as model:
         _assert_same(model.tensors, big_ckpt)
         big = _big(model.tensors)
         assert len(big) == LAYERS + 1
@@ -435,7 +436,9 @@ async def test_only_small_page_destinations_are_prefaulted(
 def test_huge_pages_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="huge_pages"):
         streamload.LoadParams(huge_pages="yes")  # type: ignore[arg-type]
-    assert streamload.LoadParams().huge_pages == "auto"
+    # Off by default: fresh huge pages cost more than they save where users load
+    # (``LoadParams`` docstring, benchmarks/results/measurements.md).
+    assert streamload.LoadParams().huge_pages is False
 
 
 @pytest.fixture
