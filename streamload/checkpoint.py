@@ -91,7 +91,13 @@ FLOAT_CODES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16"})
 
 @dataclass(frozen=True, slots=True)
 class TensorEntry:
-    """Where one tensor's bytes live: ``path`` at absolute byte ``offset``, ``nbytes`` long."""
+    """Where one tensor's bytes live: ``path`` at absolute byte ``offset``, ``nbytes`` long.
+
+    A slice of a stored tensor (a tensor-parallel shard split along a dimension other than the
+    first) is strided: ``rows`` runs of ``row_bytes`` each, the first at ``offset``, each next
+    one ``row_stride`` bytes after the one before. A whole tensor, or a slice along its first
+    dimension, is one run (``rows == 1``).
+    """
 
     name: str
     path: Path
@@ -99,6 +105,17 @@ class TensorEntry:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    rows: int = 1
+    row_stride: int = 0
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one run (all of ``nbytes`` for a contiguous entry)."""
+        return self.nbytes // self.rows if self.rows > 1 else self.nbytes
+
+    @property
+    def contiguous(self) -> bool:
+        return self.rows == 1
 
     @property
     def numel(self) -> int:
@@ -109,6 +126,9 @@ class TensorEntry:
 
     @property
     def end(self) -> int:
+        """One past the entry's last byte in its file."""
+        if self.rows > 1:
+            return self.offset + (self.rows - 1) * self.row_stride + self.row_bytes
         return self.offset + self.nbytes
 
 
@@ -269,7 +289,7 @@ def _metadata(value: object, path: Path) -> dict[str, str]:
 
 
 # Slot setters of ``TensorEntry``'s fields, in order (unpacking fails if a field is added).
-_SET_NAME, _SET_PATH, _SET_DTYPE, _SET_SHAPE, _SET_OFFSET, _SET_NBYTES = (
+_SET_NAME, _SET_PATH, _SET_DTYPE, _SET_SHAPE, _SET_OFFSET, _SET_NBYTES, _SET_ROWS, _SET_STRIDE = (
     getattr(TensorEntry, field.name).__set__ for field in fields(TensorEntry)
 )
 
@@ -290,6 +310,8 @@ def _new_entry(
     _SET_SHAPE(entry, shape)
     _SET_OFFSET(entry, offset)
     _SET_NBYTES(entry, nbytes)
+    _SET_ROWS(entry, 1)
+    _SET_STRIDE(entry, 0)
     return entry
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "DeviceReport",
     "Event",
     "EventCallback",
+    "ExpertsReplicated",
     "FileCheck",
     "LayerPlaced",
     "LayersMoved",
@@ -182,6 +183,18 @@ class MaxSeqLenClamped:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpertsReplicated:
+    """A tensor-parallel load found mixture-of-experts tensors no plan splits: every rank of a
+    stage holds them whole (``tensors``: their names; ``tensor_parallel_size``: the ranks per
+    stage). Pass ``tp_plan=`` to split them."""
+
+    tensors: tuple[str, ...]
+    reason: str
+    tensor_parallel_size: int
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryReadingFallback:
     """A device's live free memory is read another way from now on (a CUDA GPU whose NVML
     reading failed: ``cudaMemGetInfo`` instead); ``reason`` says what failed."""
@@ -304,6 +317,7 @@ Event: TypeAlias = (
     | PagedAttentionDisabled
     | MemoryReadingFallback
     | MaxSeqLenClamped
+    | ExpertsReplicated
     | LoadFinished
     | LoadFailed
     | LoadCancelled
@@ -321,6 +335,7 @@ _EVENT_NAMES: Mapping[type[Any], str] = {
     PagedAttentionDisabled: "paged_attention_disabled",
     MemoryReadingFallback: "memory_reading_fallback",
     MaxSeqLenClamped: "max_seq_len_clamped",
+    ExpertsReplicated: "experts_replicated",
     LoadFinished: "load_finished",
     LoadFailed: "load_failed",
     LoadCancelled: "load_cancelled",
@@ -428,7 +443,13 @@ def log_event(event: Event, log: Any = None) -> None:
     the application configured ``logging``). Re-plans and failures are warnings, the rest info.
     """
     warning = isinstance(
-        event, LoadFailed | Replanned | LayersMoved | MemoryReadingFallback | MaxSeqLenClamped
+        event,
+        LoadFailed
+        | Replanned
+        | LayersMoved
+        | MemoryReadingFallback
+        | MaxSeqLenClamped
+        | ExpertsReplicated,
     )
     if log is None and not structlog.is_configured():
         level = logging.WARNING if warning else logging.INFO

@@ -139,6 +139,20 @@ def _three_way(ckpt: Path) -> list[Any]:
     ]
 
 
+# Seconds each copy to a simulated GPU takes in the steal scenarios. A tenant's steal on
+# ``LayerPlaced(L)`` races the next unit's recheck, which the engine may run before or after
+# it (only unit L + 2 waits for L's placement); slow copies make layer L's placement land
+# after unit L + 1's recheck on any machine, so the file pins one order, not the scheduler's.
+_STEAL_COPY_DELAY = 0.005
+
+
+def _three_way_slow_copies(ckpt: Path) -> list[Any]:
+    devices = _three_way(ckpt)
+    for gpu in devices[:2]:
+        gpu.copy_delay = _STEAL_COPY_DELAY
+    return devices
+
+
 def _gpu_then_cpu(ckpt: Path) -> list[Any]:
     return [sized_gpu("sim:0", ckpt, 1.5, primary=True), "cpu"]
 
@@ -214,7 +228,10 @@ SCENARIOS: dict[str, Scenario] = {
     "gpu_staged_bf16": Scenario(_gpu, dtype=torch.bfloat16),
     "gpu_unstaged": Scenario(_unstaged_gpu),
     "three_way": Scenario(_three_way),
-    **{f"steal_after_layer_{i}": Scenario(_three_way, hook=_steal_after(i)) for i in range(LAYERS)},
+    **{
+        f"steal_after_layer_{i}": Scenario(_three_way_slow_copies, hook=_steal_after(i))
+        for i in range(LAYERS)
+    },
     "fail_first_allocation": Scenario(_three_way, hook=_fail_on_second_gpu(0)),
     "fail_mid_unit_allocation": Scenario(_three_way, hook=_fail_on_second_gpu(5)),
     "paged_attention_fallback": Scenario(

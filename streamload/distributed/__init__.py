@@ -1,4 +1,6 @@
-"""Distributed loading: one pipeline stage per rank of a ``torch.distributed`` process group.
+"""Distributed loading: pipeline stages over the ranks of a ``torch.distributed`` process
+group, each stage one rank or, with ``tensor_parallel_size=N``, N consecutive ranks that each
+load their slice of the stage's split tensors.
 
     import torch.distributed as dist
     from streamload.distributed import load_distributed
@@ -26,6 +28,16 @@ devices. What the ranks agree on, and what each decides alone:
    (``stage_spec``: the stage as a ``ModelSpec`` of its own). Rechecks, re-plans after
    under-delivery and OOM, and the paged-attention fallback happen inside the rank, over its
    devices only; its layer indices count from the stage's first layer.
+   With ``tensor_parallel_size=N``, the stages are groups of N consecutive ranks, and each
+   rank of a group loads part ``tp_rank`` of every tensor the TP plan splits (``_tp``: module
+   globs -> ``colwise`` / ``rowwise`` / ``vocab`` / ``replicate``; the model's transformers
+   plan by default) and the whole of every other one. A part along dim 0 is read as one byte
+   range, along a later dimension as a strided read (one ``preadv`` per run of rows with a
+   vector of the rows' pieces); the bytes placed are exactly the part's, and the planner
+   charges each rank its parts, its share of the KV heads and of the activations (``_slices``).
+   The split is resolved by every rank on its own after the survey agreed on the checkpoint
+   and settings, so a plan that cannot split raises the same ``PlanError`` on every rank
+   before any tensor byte is read.
 4. *Outcome* (collective). The ranks exchange a summary, or the error that stopped them. If
    any rank failed, every rank releases what it placed and raises the same ``RankFailedError``
    naming the first failed rank, its host and device.
@@ -48,9 +60,11 @@ Errors (defined in ``streamload.errors``, re-exported here)::
 The package is also a command (run under ``torchrun``)::
 
     torchrun --nproc-per-node 2 -m streamload.distributed load PATH [--device sim:0=24GiB ...]
+    torchrun --nproc-per-node 4 -m streamload.distributed load PATH --tensor-parallel-size 2
 
-Modules: ``_stages`` the pure split; ``_channel`` the gloo control channel; ``_load`` the
-load across ranks; ``_results`` what it delivers; ``_failure`` a rank's error as data;
+Modules: ``_stages`` the pure split; ``_tp`` the tensor-parallel plan; ``_slices`` a rank's
+slices and its share of the model; ``_channel`` the gloo control channel; ``_load`` the load
+across ranks; ``_results`` what it delivers; ``_failure`` a rank's error as data;
 ``_command`` the ``torchrun`` command. This face re-exports the public names.
 """
 
@@ -63,6 +77,7 @@ from streamload.distributed._results import (
     RankSummary,
     StageAssigned,
 )
+from streamload.distributed._slices import shard_spec, slice_entry
 from streamload.distributed._stages import (
     DistributedPlan,
     RankCapacity,
@@ -71,9 +86,17 @@ from streamload.distributed._stages import (
     split_stages,
     stage_spec,
 )
+from streamload.distributed._tp import (
+    BUILTIN_PLANS,
+    Shard,
+    TensorParallel,
+    default_tp_plan,
+    resolve_tp,
+)
 from streamload.errors import CollectiveError, DistributedError, RankFailedError
 
 __all__ = [
+    "BUILTIN_PLANS",
     "DEFAULT_TIMEOUT",
     "CollectiveError",
     "DistributedError",
@@ -83,12 +106,18 @@ __all__ = [
     "RankCapacity",
     "RankFailedError",
     "RankSummary",
+    "Shard",
     "Stage",
     "StageAssigned",
+    "TensorParallel",
+    "default_tp_plan",
     "is_input_part",
     "load_distributed",
     "main",
     "report_table",
+    "resolve_tp",
+    "shard_spec",
+    "slice_entry",
     "split_stages",
     "stage_spec",
 ]

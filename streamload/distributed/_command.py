@@ -8,7 +8,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
@@ -29,7 +28,7 @@ from streamload.distributed._load import load_distributed
 from streamload.distributed._results import DistributedModel, RankSummary, StageAssigned
 from streamload.distributed._stages import _layers_text, _span
 from streamload.errors import StreamloadError, format_bytes
-from streamload.events import Event, LayerPlaced, Replanned
+from streamload.events import Event, ExpertsReplicated, LayerPlaced, Replanned
 from streamload.params import LoadParams
 
 __all__ = ["main", "report_table"]
@@ -44,11 +43,14 @@ class _Progress:
         self.start = 0
 
     def __call__(self, event: Event | StageAssigned) -> None:
-        if isinstance(event, StageAssigned):
+        if isinstance(event, ExpertsReplicated):
+            self.line(f"warning: {len(event.tensors)} expert tensors replicated: {event.reason}")
+        elif isinstance(event, StageAssigned):
             self.start = event.stage.start
             stage = event.stage
             parts = ", ".join(stage.parts + stage.tied_sources) or "no parts"
-            self.line(f"stage: {_layers_text(stage.start, stage.stop)}; {parts}")
+            tp = f" (tensor-parallel {stage.tp_rank}/{stage.tp_size})" if stage.tp_size > 1 else ""
+            self.line(f"stage: {_layers_text(stage.start, stage.stop)}{tp}; {parts}")
         elif isinstance(event, LayerPlaced):
             what = event.part if event.layer is None else f"layer {self.start + event.layer}"
             self.line(
@@ -64,24 +66,28 @@ class _Progress:
 
 
 def report_table(summaries: Sequence[RankSummary]) -> str:
-    """The per-rank report rank 0 prints: one row per rank."""
-    header = ("rank", "host", "layers", "parts", "devices", "bytes", "tensors", "s", "replans")
+    """The per-rank report rank 0 prints: one row per rank (``placed``: bytes placed,
+    ``read``: bytes read from storage; ``tp``: the rank's place in its stage, with tensor
+    parallelism)."""
+    tp = any(s.tp_size > 1 for s in summaries)
+    header = ["rank", "host", "layers", "parts", "devices", "placed", "read", "tensors", "s"]
+    header += ["replans", "tp"] if tp else ["replans"]
     rows = [header]
     for s in summaries:
         devices = ", ".join(f"{d.device}:{d.layers}" for d in s.devices)
-        rows.append(
-            (
-                str(s.rank),
-                s.host,
-                _span(s.start, s.stop),
-                ", ".join([*s.parts, *(f"{t} (tied)" for t in s.tied_sources)]) or "-",
-                devices or "-",
-                format_bytes(s.nbytes),
-                str(s.tensors),
-                f"{s.seconds:.2f}",
-                str(len(s.replans)),
-            )
-        )
+        row = [
+            str(s.rank),
+            s.host,
+            _span(s.start, s.stop),
+            ", ".join([*s.parts, *(f"{t} (tied)" for t in s.tied_sources)]) or "-",
+            devices or "-",
+            format_bytes(s.nbytes),
+            format_bytes(s.read_bytes),
+            str(s.tensors),
+            f"{s.seconds:.2f}",
+            str(len(s.replans)),
+        ]
+        rows.append([*row, f"{s.tp_rank}/{s.tp_size}"] if tp else row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
@@ -95,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     load = commands.add_parser("load", help="load PATH across the ranks and report per rank")
-    load.add_argument("path", type=Path)
+    load.add_argument("path", help="a checkpoint: local path, hub repo id or object-store URL")
     load.add_argument(
         "--device",
         action="append",
@@ -115,9 +121,32 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT,
         help="seconds to wait for the other ranks at each exchange (default: %(default)s)",
     )
+    load.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="ranks per pipeline stage, each loading its slice of the split tensors "
+        "(default: %(default)s)",
+    )
+    load.add_argument(
+        "--tp-plan",
+        type=arg_type(_parse_tp_plan),
+        help='the tensor-parallel plan as JSON ({"layers.*.mlp.up_proj": "colwise", ...}); '
+        "default: the model's",
+    )
     load.add_argument("--backend", default="gloo", help="process-group backend (gloo, nccl)")
     load.add_argument("--json-logs", action="store_true", help="JSON log lines on stderr")
     return parser
+
+
+def _parse_tp_plan(text: str) -> dict[str, str]:
+    try:
+        plan = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(plan, dict) or not all(isinstance(v, str) for v in plan.values()):
+        raise ValueError("expected a JSON object of glob -> style")
+    return plan
 
 
 def _devices(args: argparse.Namespace, local_rank: int) -> tuple[list[Any], dict[str, int]]:
@@ -172,7 +201,7 @@ def _load_and_report(args: argparse.Namespace, params: LoadParams) -> int:
     progress = None if args.json_logs else _Progress(rank, sys.stdout)
     try:
         with configured_logging(args.json_logs):
-            model = anyio.run(_cli_load, args.path, params, progress, args.peer_timeout)
+            model = anyio.run(_cli_load, args, params, progress)
     except StreamloadError as exc:
         return _fail(rank, str(exc))
     except KeyboardInterrupt:
@@ -190,9 +219,16 @@ def _load_and_report(args: argparse.Namespace, params: LoadParams) -> int:
 
 
 async def _cli_load(
-    path: Path, params: LoadParams, progress: _Progress | None, peer_timeout: float
+    args: argparse.Namespace, params: LoadParams, progress: _Progress | None
 ) -> DistributedModel:
-    return await load_distributed(path, params, on_event=progress, peer_timeout=peer_timeout)
+    return await load_distributed(
+        args.path,
+        params,
+        tensor_parallel_size=args.tensor_parallel_size,
+        tp_plan=args.tp_plan,
+        on_event=progress,
+        peer_timeout=args.peer_timeout,
+    )
 
 
 def _join(backend: str, timeout: float) -> bool:

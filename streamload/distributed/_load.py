@@ -17,6 +17,7 @@ import anyio.to_thread
 import structlog
 import torch.distributed as dist
 
+from streamload._api import resolve_source, spec_of
 from streamload.devices import Device, capacities, resolve_devices
 from streamload.distributed._channel import _GRACE, DEFAULT_TIMEOUT, _Channel
 from streamload.distributed._failure import _Failure
@@ -35,9 +36,11 @@ from streamload.distributed._stages import (
     split_stages,
     stage_spec,
 )
+from streamload.distributed._tp import NO_EXPERT_PLAN, TensorParallel, resolve_tp
 from streamload.engine import LoadedModel, load
 from streamload.errors import DistributedError, RankFailedError
-from streamload.model import ModelSpec, inspect
+from streamload.events import ExpertsReplicated, emit
+from streamload.model import ModelSpec
 from streamload.params import LoadParams
 
 __all__ = ["load_distributed"]
@@ -70,14 +73,28 @@ async def load_distributed(
     path: str | Path,
     params: LoadParams | None = None,
     *,
+    tensor_parallel_size: int = 1,
+    tp_plan: Mapping[str, str] | None = None,
     group: dist.ProcessGroup | None = None,
     on_event: DistributedEventCallback | None = None,
     peer_timeout: float = DEFAULT_TIMEOUT,
 ) -> DistributedModel:
     """Load this rank's stage of the checkpoint at ``path`` (see the module docstring).
 
-    Every rank of the (initialised) default process group calls it with the same ``path`` and
-    ``params``, apart from ``params.devices``: the rank's own devices. ``group``: a process
+    ``path``: a local checkpoint, a hub repo id or an object-store URL, as for
+    ``streamload.load``. Every rank of the (initialised) default process group calls it with
+    the same ``path``, ``params``, ``tensor_parallel_size`` and ``tp_plan``, apart from
+    ``params.devices``: the rank's own devices.
+
+    ``tensor_parallel_size``: the ranks form pipeline stages of that many consecutive ranks
+    each; within a stage, each rank loads its part of every tensor ``tp_plan`` splits
+    (module-name globs -> ``"colwise"``, ``"rowwise"``, ``"vocab"``, ``"replicate"``; by
+    default the model's plan, see ``streamload.distributed._tp``), reading only that part's
+    bytes where the layout allows, and the whole of every other tensor. A plan that cannot
+    split is a ``PlanError`` naming the tensor, raised on every rank before any tensor byte is
+    read. ``DistributedModel.shards`` says what each loaded tensor is a part of.
+
+    ``group``: a process
     group over the ranks taking part, able to exchange Python objects (gloo, or NCCL with the
     current CUDA device set); by default a gloo group over all ranks is made for the load,
     with ``peer_timeout`` (seconds) as its collectives' timeout. ``peer_timeout`` bounds every
@@ -94,23 +111,42 @@ async def load_distributed(
     ``CollectiveError`` when a peer is gone or silent.
     """
     params = params or LoadParams()
+    tp = _TpRequest(tensor_parallel_size, None if tp_plan is None else dict(tp_plan))
     channel = await _Channel.open(group, peer_timeout)
     try:
         with structlog.contextvars.bound_contextvars(rank=channel.rank):
-            return await _run(channel, Path(path), params, on_event)
+            return await _run(channel, path, params, tp, on_event)
     finally:
         await channel.close()
 
 
+@dataclass(frozen=True, slots=True)
+class _TpRequest:
+    """What the caller asked of tensor parallelism (every rank must ask the same)."""
+
+    size: int
+    plan: dict[str, str] | None
+
+
 async def _run(
-    channel: _Channel, path: Path, params: LoadParams, on_event: DistributedEventCallback | None
+    channel: _Channel,
+    path: str | Path,
+    params: LoadParams,
+    request: _TpRequest,
+    on_event: DistributedEventCallback | None,
 ) -> DistributedModel:
-    local = await anyio.to_thread.run_sync(_survey, path, params, channel.rank, channel.host)
+    local = await anyio.to_thread.run_sync(
+        _survey, path, params, request, channel.rank, channel.host
+    )
     channel.device = local.gpu
     surveys = await channel.all_gather("the exchange of capacities", local.survey)
     _agree(surveys)
-    plan = await _agree_on_plan(channel, local, surveys, params)
     assert local.spec is not None  # every rank surveyed successfully (else _agree raised)
+    # Every rank agreed on the checkpoint and the request: each resolves the same split (or
+    # raises the same PlanError) on its own, before any tensor byte is read.
+    tp = resolve_tp(local.spec, request.size, request.plan)
+    await _deliver_replicated(on_event, tp, path)
+    plan = await _agree_on_plan(channel, local, surveys, params, tp)
     stage = plan.stage(channel.rank)
     _log_stage(stage)
     model, outcome = await _load_stage(channel, path, params, local.spec, plan, on_event)
@@ -125,15 +161,18 @@ async def _run(
         raise
     assert model is not None
     summaries = tuple(o for o in outcomes if isinstance(o, RankSummary))
-    return DistributedModel(channel.rank, channel.world, plan, model, summaries)
+    shards = {name: plan.tensor_parallel.shard(name, stage.tp_rank) for name in model.tensors}
+    return DistributedModel(channel.rank, channel.world, plan, model, summaries, shards)
 
 
-def _survey(path: Path, params: LoadParams, rank: int, host: str) -> _Local:
+def _survey(
+    path: str | Path, params: LoadParams, request: _TpRequest, rank: int, host: str
+) -> _Local:
     """Read the headers, probe the devices (blocking: runs in a worker thread)."""
-    settings = _settings(params)
+    settings = _settings(params, request)
     phase = "reading the checkpoint's headers"
     try:
-        spec = inspect(path, target_dtype=params.target_code)
+        spec = spec_of(resolve_source(path, params), params.target_code)
         phase = "probing its devices"
         devices = resolve_devices(params.devices)
         for device in devices:
@@ -155,13 +194,17 @@ def _fingerprint(spec: ModelSpec) -> str:
     return digest.hexdigest()
 
 
-def _settings(params: LoadParams) -> dict[str, str]:
+def _settings(params: LoadParams, request: _TpRequest) -> dict[str, str]:
     """The parameters every rank must share (all but its devices), as text."""
-    return {
+    settings = {
         field.name: repr(getattr(params, field.name))
         for field in dataclasses.fields(params)
         if field.name != "devices"
     }
+    if request.size != 1 or request.plan is not None:
+        settings["tensor_parallel_size"] = repr(request.size)
+        settings["tp_plan"] = repr(request.plan)
+    return settings
 
 
 def _agree(surveys: Sequence[_Survey]) -> None:
@@ -184,14 +227,18 @@ def _agree(surveys: Sequence[_Survey]) -> None:
 
 
 async def _agree_on_plan(
-    channel: _Channel, local: _Local, surveys: Sequence[_Survey], params: LoadParams
+    channel: _Channel,
+    local: _Local,
+    surveys: Sequence[_Survey],
+    params: LoadParams,
+    tp: TensorParallel,
 ) -> DistributedPlan:
     """Rank 0 splits; every rank receives the same plan or the same failure."""
     result: DistributedPlan | _Failure | None = None
     if channel.rank == 0:
         assert local.spec is not None
         ranks = [survey.capacity for survey in surveys if survey.capacity is not None]
-        result = await anyio.to_thread.run_sync(_split_or_failure, local.spec, ranks, params)
+        result = await anyio.to_thread.run_sync(_split_or_failure, local.spec, ranks, params, tp)
     received = await channel.broadcast("the broadcast of the plan", result)
     if isinstance(received, _Failure):
         raise received.error()
@@ -200,10 +247,10 @@ async def _agree_on_plan(
 
 
 def _split_or_failure(
-    spec: ModelSpec, ranks: Sequence[RankCapacity], params: LoadParams
+    spec: ModelSpec, ranks: Sequence[RankCapacity], params: LoadParams, tp: TensorParallel
 ) -> DistributedPlan | _Failure:
     try:
-        return split_stages(spec, ranks, params)
+        return split_stages(spec, ranks, params, tensor_parallel=tp)
     except RankFailedError as exc:
         return _Failure(
             exc.rank or 0, exc.host or "", exc.phase, exc.problem, exc.device, exc.error_type
@@ -214,7 +261,7 @@ def _split_or_failure(
 
 async def _load_stage(
     channel: _Channel,
-    path: Path,
+    path: str | Path,
     params: LoadParams,
     spec: ModelSpec,
     plan: DistributedPlan,
@@ -228,7 +275,8 @@ async def _load_stage(
     phase = f"loading {layers} (numbered from 0 within the stage: 0 is layer {stage.start})"
     try:
         await _deliver(on_event, StageAssigned(plan, stage))
-        model = await load(path, params, on_event=on_event, spec=stage_spec(spec, stage))
+        sub = stage_spec(spec, stage, plan.tensor_parallel)
+        model = await load(path, params, on_event=on_event, spec=sub)
     except anyio.get_cancelled_exc_class():
         cancelled = _Failure(channel.rank, channel.host, phase, "cancelled", None, "Cancelled")
         shield = anyio.CancelScope(shield=True)
@@ -243,12 +291,23 @@ async def _load_stage(
 def _log_stage(stage: Stage) -> None:
     logger.info(
         "stage_assigned",
+        tp_rank=stage.tp_rank,
+        tp_size=stage.tp_size,
         first_layer=stage.start,
         stop=stage.stop,
         parts=list(stage.parts),
         tied_sources=list(stage.tied_sources),
         layer_devices=list(stage.plan.layer_devices),
     )
+
+
+async def _deliver_replicated(
+    callback: DistributedEventCallback | None, tp: TensorParallel, path: str | Path
+) -> None:
+    """Warn (an ``ExpertsReplicated`` event) of experts every rank of a stage holds whole."""
+    experts = tuple(name for name, why in tp.replicated if why == NO_EXPERT_PLAN)
+    if experts:
+        await emit(ExpertsReplicated(experts, NO_EXPERT_PLAN, tp.size, str(path)), callback)
 
 
 async def _deliver(callback: DistributedEventCallback | None, event: StageAssigned) -> None:

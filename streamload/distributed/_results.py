@@ -10,6 +10,7 @@ from typing import Any, TypeAlias
 import torch
 
 from streamload.distributed._stages import DistributedPlan, Stage, placement_fields
+from streamload.distributed._tp import Shard
 from streamload.engine._loaded import LoadedModel, Releasable
 from streamload.events import DeviceReport, Event, Replanned
 
@@ -37,7 +38,11 @@ class RankSummary:
     ``tied_sources``: single tensors of other stages' parts, see ``Stage``).
 
     ``layer_devices[i]`` is the device of model layer ``start + i`` (after any re-plan);
-    ``replans`` the rank's ``Replanned`` events (stage-local layer numbers).
+    ``replans`` the rank's ``Replanned`` events (stage-local layer numbers). ``tp_rank`` /
+    ``tp_size``: the rank's place among its stage's ranks; ``stored_bytes`` the bytes of its
+    tensors (its slices) as stored, ``read_bytes`` what it read from storage for them (more
+    where a strided slice reads through other ranks' bytes, less for memory-mapped tensors),
+    ``nbytes`` what it placed.
     """
 
     rank: int
@@ -53,6 +58,9 @@ class RankSummary:
     tensors: int
     seconds: float
     replans: tuple[Replanned, ...]
+    read_bytes: int = 0
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @property
     def gb_per_s(self) -> float:
@@ -67,8 +75,11 @@ class RankSummary:
                 {"device": d.device, "nbytes": d.nbytes, "layers": d.layers, "seconds": d.seconds}
                 for d in self.devices
             ],
+            "tp_rank": self.tp_rank,
+            "tp_size": self.tp_size,
             "nbytes": self.nbytes,
             "stored_bytes": self.stored_bytes,
+            "read_bytes": self.read_bytes,
             "tensors": self.tensors,
             "seconds": self.seconds,
             "gb_per_s": self.gb_per_s,
@@ -85,7 +96,9 @@ class DistributedModel(Releasable):
     ``tensors`` (checkpoint names, each on its device), ``device_map`` (Hugging Face form, this
     stage's modules only) and ``local`` (the engine's ``LoadedModel``: stage-local ``plan`` and
     ``report``) describe this rank; ``plan`` (every stage) and ``ranks`` (every rank's
-    ``RankSummary``) are the same on every rank.
+    ``RankSummary``) are the same on every rank. ``shards[name]`` says what this rank holds of
+    each tensor: ``Shard(dim, index, count)``, part ``index`` of ``count`` along ``dim``, or
+    ``Shard(None, 0, 1)`` for a whole tensor (a tied head shares its source's split).
 
     ``release()`` drops every reference the library holds; ``async with`` releases on exit.
     """
@@ -97,6 +110,7 @@ class DistributedModel(Releasable):
         plan: DistributedPlan,
         local: LoadedModel,
         ranks: tuple[RankSummary, ...],
+        shards: dict[str, Shard] | None = None,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -104,6 +118,7 @@ class DistributedModel(Releasable):
         self.stage = plan.stage(rank)
         self.local = local
         self.ranks = ranks
+        self.shards = shards if shards is not None else {}
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -116,6 +131,7 @@ class DistributedModel(Releasable):
     def release(self) -> None:
         """Drop every tensor reference the library holds (idempotent)."""
         self.local.release()
+        self.shards.clear()
 
     def __repr__(self) -> str:
         return (
@@ -140,4 +156,7 @@ def _summary(stage: Stage, model: LoadedModel) -> RankSummary:
         tensors=len(model.tensors),
         seconds=report.seconds,
         replans=report.replans,
+        read_bytes=model.read_bytes,
+        tp_rank=stage.tp_rank,
+        tp_size=stage.tp_size,
     )

@@ -1,19 +1,21 @@
-"""The stage split (pure: no probing, no collectives): contiguous layer stages, one per rank,
-balanced by the ranks' GPU budgets, each with its forecast local plan; and a stage as a
-``ModelSpec`` of its own for the engine."""
+"""The stage split (pure: no probing, no collectives): contiguous layer stages, one per group of
+``tensor_parallel_size`` consecutive ranks, balanced by the groups' GPU budgets, each rank with
+its forecast local plan; and a rank's stage as a ``ModelSpec`` of its own for the engine."""
 
 from __future__ import annotations
 
 import dataclasses
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, Protocol
 
 from streamload import planner
 from streamload.checkpoint import DTYPE_SIZES
 from streamload.distributed._failure import _Failure
+from streamload.distributed._slices import shard_spec
+from streamload.distributed._tp import TensorParallel
 from streamload.errors import PlanError
 from streamload.model import ModelSpec, PartSpec, layer_kv_bytes
 from streamload.params import LoadParams
@@ -49,7 +51,9 @@ class Stage:
     ``i`` is model layer ``start + i`` (the load itself plans again on live numbers).
     ``cpu_memory_bytes`` is the host budget given to this rank when several ranks share a host
     and ``LoadParams.cpu_memory_bytes`` was not set (their host's available memory, split
-    evenly), else ``None``.
+    evenly), else ``None``. ``tp_rank`` is the rank's place among the ``tp_size`` ranks that
+    share the stage (tensor parallelism; the stage's ranks are consecutive): it loads part
+    ``tp_rank`` of every split tensor.
     """
 
     rank: int
@@ -60,6 +64,13 @@ class Stage:
     tied_sources: tuple[str, ...]
     plan: Plan
     cpu_memory_bytes: int | None = None
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    @property
+    def pp_rank(self) -> int:
+        """The stage's place in the pipeline."""
+        return self.rank // self.tp_size
 
     @property
     def layers(self) -> range:
@@ -75,6 +86,8 @@ class Stage:
             **placement_fields(self),
             "plan": self.plan.to_dict(),
             "cpu_memory_bytes": self.cpu_memory_bytes,
+            "tp_rank": self.tp_rank,
+            "tp_size": self.tp_size,
         }
 
 
@@ -109,21 +122,26 @@ def placement_fields(item: _Placed) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class DistributedPlan:
-    """The stages of every rank, in rank order; the same object on every rank."""
+    """Every rank's stage, in rank order, and how the tensors split within a stage
+    (``tensor_parallel``); the same object on every rank."""
 
     stages: tuple[Stage, ...]
+    tensor_parallel: TensorParallel = field(default_factory=TensorParallel)
 
     @property
     def layer_ranks(self) -> tuple[int, ...]:
-        """``layer_ranks[i]``: the rank holding model layer ``i``."""
-        return tuple(stage.rank for stage in self.stages for _ in stage.layers)
+        """``layer_ranks[i]``: the (first) rank holding model layer ``i``."""
+        return tuple(s.rank for s in self.stages if s.tp_rank == 0 for _ in s.layers)
 
     def stage(self, rank: int) -> Stage:
         return self.stages[rank]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"stages": [stage.to_dict() for stage in self.stages]}
+        return {
+            "stages": [stage.to_dict() for stage in self.stages],
+            "tensor_parallel_size": self.tensor_parallel.size,
+        }
 
 
 # Last path segments of parts that feed the first layer (besides towers and projectors).
@@ -151,73 +169,102 @@ def is_input_part(part: PartSpec) -> bool:
 
 
 def split_stages(
-    spec: ModelSpec, ranks: Sequence[RankCapacity], params: LoadParams
+    spec: ModelSpec,
+    ranks: Sequence[RankCapacity],
+    params: LoadParams,
+    *,
+    tensor_parallel: TensorParallel | None = None,
 ) -> DistributedPlan:
-    """Cut ``spec``'s layers into contiguous stages, one per rank in rank order, and forecast
-    each rank's local plan (pure: no probing, no collectives; rank 0 runs it for everyone).
+    """Cut ``spec``'s layers into contiguous stages, one per group of ``tensor_parallel.size``
+    consecutive ranks (one per rank by default) in rank order, and forecast each rank's local
+    plan (pure: no probing, no collectives; rank 0 runs it for everyone).
 
     Balance: every stage gets at least one layer; the split minimises the largest ratio of a
-    stage's bytes (weights + non-paged KV of its layers, plus the parts it holds) to its rank's
-    GPU budget (free - reserve - activations, summed over its GPUs; the host budgets when no
-    rank has a GPU). Ranks on one host share its memory: when ``params.cpu_memory_bytes`` is
-    unset, each gets an even share of the host's available memory as its CPU budget.
+    stage's bytes (weights + non-paged KV of its layers, plus the parts it holds; a rank's
+    slices of them under tensor parallelism) to its group's GPU budget (free - reserve -
+    activations, summed over a rank's GPUs; the smallest rank's in a group; the host budgets
+    when no rank has a GPU). Ranks on one host share its memory: when
+    ``params.cpu_memory_bytes`` is unset, each gets an even share of the host's available
+    memory as its CPU budget.
 
-    ``PlanError`` if there are fewer layers than ranks; ``RankFailedError`` naming the rank
-    and device if a stage does not fit its rank (the planner's breakdown in the message).
+    ``PlanError`` if there are fewer layers than stages, or ranks that do not form whole
+    groups; ``RankFailedError`` naming the rank and device if a stage does not fit its rank
+    (the planner's breakdown in the message).
     """
-    _check_ranks(spec, ranks)
-    k = len(ranks)
-    inputs = tuple(part.name for part in spec.non_mapped if is_input_part(part))
-    outputs = tuple(part.name for part in spec.non_mapped if not is_input_part(part))
-    tied = _tied_sources(spec, outputs + (inputs if k == 1 else ()))
+    tp = tensor_parallel or TensorParallel()
+    _check_ranks(spec, ranks, tp.size)
+    groups = [list(ranks[i : i + tp.size]) for i in range(0, len(ranks), tp.size)]
+    k = len(groups)
+    sliced = [shard_spec(spec, tp, index) for index in range(tp.size)]
+    base = sliced[0]  # every rank's slices have the sizes of rank 0's
+    inputs = tuple(part.name for part in base.non_mapped if is_input_part(part))
+    outputs = tuple(part.name for part in base.non_mapped if not is_input_part(part))
+    tied = _tied_sources(base, outputs + (inputs if k == 1 else ()))
     shares = _cpu_shares(ranks, params)
-    part_bytes = {part.name: part.nbytes for part in spec.non_mapped}
+    part_bytes = {part.name: part.nbytes for part in base.non_mapped}
     fixed = [0] * k
     fixed[0] += sum(part_bytes[name] for name in inputs)
     fixed[-1] += sum(part_bytes[name] for name in outputs)
-    fixed[-1] += _part_of(spec, "tied sources", tied).nbytes
-    counts = _split(_layer_costs(spec, params), fixed, _budgets(spec, ranks, params, shares))
+    fixed[-1] += _part_of(base, "tied sources", tied).nbytes
+    budgets = _budgets(base, ranks, params, shares)
+    group_budgets = [min(budgets[r.rank] for r in group) for group in groups]
+    counts = _split(_layer_costs(base, params), fixed, group_budgets)
     stages = []
     starts = list(accumulate(counts, initial=0))
-    for rank, count in zip(ranks, counts, strict=True):
-        i = rank.rank
-        parts = (inputs if i == 0 else ()) + (outputs if i == k - 1 else ())
-        stage = _forecast(
-            spec,
-            rank,
-            params,
-            start=starts[i],
-            stop=starts[i] + count,
-            parts=parts,
-            tied=tied if i == k - 1 else (),
-            share=shares[i],
-        )
-        stages.append(stage)
-    return DistributedPlan(tuple(stages))
+    for g, (group, count) in enumerate(zip(groups, counts, strict=True)):
+        parts = (inputs if g == 0 else ()) + (outputs if g == k - 1 else ())
+        for member in group:
+            stage = _forecast(
+                sliced[member.rank % tp.size],
+                member,
+                params,
+                start=starts[g],
+                stop=starts[g] + count,
+                parts=parts,
+                tied=tied if g == k - 1 else (),
+                share=shares[member.rank],
+            )
+            stages.append(
+                dataclasses.replace(stage, tp_rank=member.rank % tp.size, tp_size=tp.size)
+            )
+    return DistributedPlan(tuple(stages), tp)
 
 
-def stage_spec(spec: ModelSpec, stage: Stage) -> ModelSpec:
+def stage_spec(
+    spec: ModelSpec, stage: Stage, tensor_parallel: TensorParallel | None = None
+) -> ModelSpec:
     """The stage as a ``ModelSpec`` of its own, which the engine loads like a whole model.
 
     Its layers are ``spec.layers[start:stop]`` renumbered from 0 (names unchanged), its
     non-mapped parts the stage's ``parts`` plus one part per tied source (holding only that
-    tensor), its checkpoint the stage's tensors only. Ties are kept where the
+    tensor), its checkpoint the stage's tensors only (under ``tensor_parallel``: the rank's
+    slices of the split ones). Ties are kept where the
     stage holds the head (the last); the logits estimate applies only to the last stage, the
     vision estimate only to the stage holding a tower.
     """
+    if tensor_parallel is not None:
+        spec = shard_spec(spec, tensor_parallel, stage.tp_rank)
     return _sub_spec(spec, stage.start, stage.stop, stage.parts, stage.tied_sources)
 
 
-def _check_ranks(spec: ModelSpec, ranks: Sequence[RankCapacity]) -> None:
+def _check_ranks(spec: ModelSpec, ranks: Sequence[RankCapacity], tp_size: int = 1) -> None:
     if not ranks:
         raise ValueError("no ranks to split over")
     order = [rank.rank for rank in ranks]
     if order != list(range(len(ranks))):
         raise ValueError(f"ranks must be 0..{len(ranks) - 1} in order, got {order}")
-    if len(spec.layers) < len(ranks):
+    if len(ranks) % tp_size:
         raise PlanError(
-            f"{len(spec.layers)} layers cannot be split into {len(ranks)} stages: every rank "
-            f"needs at least one layer (use at most {len(spec.layers)} ranks)"
+            f"{len(ranks)} ranks do not form stages of tensor_parallel_size={tp_size} "
+            "consecutive ranks: the world size must be a multiple of it"
+        )
+    stages = len(ranks) // tp_size
+    if len(spec.layers) < stages:
+        raise PlanError(
+            f"{len(spec.layers)} layers cannot be split into {stages} stages: every "
+            + ("rank" if tp_size == 1 else "stage")
+            + f" needs at least one layer (use at most {len(spec.layers)} "
+            + ("ranks)" if tp_size == 1 else "stages)")
         )
 
 

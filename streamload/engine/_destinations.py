@@ -233,7 +233,7 @@ class Destinations:
                     )
                     got.raw[entry.name] = dst = _carve_raw(space, used, entry, stored)
                     used += -(-entry.nbytes // SCRATCH_ALIGN) * SCRATCH_ALIGN
-                elif how.mmap:
+                elif how.mmap and entry.contiguous:
                     got.final[entry.name] = self._mmap(entry, stored)
                     continue
                 else:
@@ -268,7 +268,7 @@ class Destinations:
             if self._converts(entry):
                 converted.append((entry, self._placed(entry), 0))
                 scratch.append((entry, stored, _hostmem.lead(entry.offset, stored)))
-            elif how.mmap:
+            elif how.mmap and entry.contiguous:  # a strided slice is copied: no zero-copy view
                 final[entry.name] = self._mmap(entry, stored)
             else:
                 kept.append((entry, stored, _hostmem.lead(entry.offset, stored)))

@@ -309,7 +309,14 @@ class _Load:
             self.tensors[alias] = self.tensors[source]
         report = self._report(time.perf_counter() - started, plan_seconds)
         await self._emit(LoadFinished(report))
-        model = LoadedModel(self.tensors, p.budget.current, report, p.spec, p.devices)
+        model = LoadedModel(
+            self.tensors,
+            p.budget.current,
+            report,
+            p.spec,
+            p.devices,
+            read_bytes=p.reader.read_bytes,
+        )
         self.tensors = {}
         return model
 

@@ -50,6 +50,10 @@ class LoadedModel(Releasable):
     built on them, keeps its memory). Freed CUDA memory then stays in torch's caching
     allocator, reusable by this process only; ``release(empty_cache=True)`` hands what is free
     back to the driver. ``async with await load(...) as m:`` releases on exit.
+
+    ``read_bytes`` counts the tensor bytes read from storage (less than ``report.stored_bytes``
+    where tensors were memory-mapped; more where a strided slice read through the holes
+    between its rows).
     """
 
     def __init__(
@@ -59,8 +63,11 @@ class LoadedModel(Releasable):
         report: LoadReport,
         spec: ModelSpec,
         devices: Sequence[Device] = (),
+        *,
+        read_bytes: int = 0,
     ) -> None:
         self.tensors = tensors
+        self.read_bytes = read_bytes
         self.devices = tuple(devices)
         self.plan = plan
         self.report = report

@@ -32,7 +32,14 @@ from streamload import _hostmem
 from streamload.devices import Device, Fence
 from streamload.engine._boundary import single
 from streamload.engine._flight import ChunkTimes, InFlight
-from streamload.engine._units import STAGING_ALIGN, Chunk, Unit, runs
+from streamload.engine._units import (
+    STAGING_ALIGN,
+    Chunk,
+    Unit,
+    file_reads,
+    read_through_bytes,
+    runs,
+)
 from streamload.errors import CheckpointError, StreamloadError, TruncatedDataError
 from streamload.model import ModelSpec
 from streamload.params import LoadParams
@@ -159,7 +166,8 @@ def read_direct(
     pages the pieces say (``_hostmem.prefault``) before the bytes arrive: before a file's read,
     while an object's response is on its way. Returns when the read ran. ``stable``: the
     destinations keep these bytes after the read (no conversion buffer, which a later unit may
-    reuse)."""
+    reuse). A chunk with holes (a strided slice) is never fed to the verifier: its bytes are
+    not the file's."""
     started = time.perf_counter()
 
     def prefault() -> None:
@@ -169,11 +177,15 @@ def read_direct(
 
     views = [host_view(piece.dst) for piece in chunk.pieces]
     try:
-        files.read(chunk.path, views, chunk.offset, chunk.pieces[0].tensor, prefault)
+        if chunk.holes:
+            prefault()
+            _read_holed(files, chunk, lambda start, end: _piece_views(chunk, views, start, end))
+        else:
+            files.read(chunk.path, views, chunk.offset, chunk.pieces[0].tensor, prefault)
     finally:
         for view in views:
             view.release()
-    if feed is not None:
+    if feed is not None and not chunk.holes:
         feed(chunk.path, chunk.offset, [piece.dst for piece in chunk.pieces], stable)
     ended = time.perf_counter()
     return ChunkTimes(started, ended, ended)
@@ -216,9 +228,11 @@ def read_staged(
     lead = chunk.offset % STAGING_ALIGN  # co-align with the page cache
     if lead + chunk.nbytes > len(slot.view):
         lead = 0
-    view = slot.view[lead : lead + chunk.nbytes]
-    files.read(chunk.path, [view], chunk.offset, tensor)
-    if feed is not None:
+    if chunk.holes:
+        _read_holed(files, chunk, lambda start, end: [slot.view[lead + start : lead + end]])
+    else:
+        files.read(chunk.path, [slot.view[lead : lead + chunk.nbytes]], chunk.offset, tensor)
+    if feed is not None and not chunk.holes:
         feed(chunk.path, chunk.offset, [slot.buffer[lead : lead + chunk.nbytes]], False)
     read = time.perf_counter()
     fence: Fence | None = None
@@ -230,6 +244,36 @@ def read_staged(
     assert fence is not None
     slot.fence = fence
     return fence, ChunkTimes(started, read, time.perf_counter())
+
+
+def _read_holed(
+    files: SourceFiles, chunk: Chunk, data: Callable[[int, int], list[memoryview]]
+) -> None:
+    """Fill a chunk with holes: one ``files.read`` per run of rows (``file_reads``), each a
+    vector of the rows' pieces (``data(start, end)``: the buffers for chunk data ``start`` to
+    ``end``) with the holes it reads through going to one discard buffer."""
+    reads = file_reads(chunk, read_through_bytes(files.local))
+    longest = max((n for r in reads for at, n in r.parts if at is None), default=0)
+    discard = memoryview(bytearray(longest))
+    tensor = chunk.pieces[0].tensor
+    for read in reads:
+        views: list[memoryview] = []
+        for at, length in read.parts:
+            if at is None:
+                views.append(discard[:length])
+            else:
+                views.extend(data(at, at + length))
+        files.read(chunk.path, views, read.offset, tensor)
+
+
+def _piece_views(chunk: Chunk, views: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """The parts of the pieces' ``views`` that hold chunk data ``start`` to ``end``."""
+    out = []
+    for piece, view in zip(chunk.pieces, views, strict=True):
+        lo, hi = max(start, piece.at), min(end, piece.at + view.nbytes)
+        if lo < hi:
+            out.append(view[lo - piece.at : hi - piece.at])
+    return out
 
 
 def usable_cpus() -> int:
@@ -350,6 +394,30 @@ class ReadQueue:
             return flight.pending == 0
 
 
+class _Counted:
+    """The load's files, counting the bytes read from them (holes read through included)."""
+
+    def __init__(self, files: SourceFiles) -> None:
+        self.files = files
+        self.local = files.local
+        self.read_bytes = 0
+        self._lock = threading.Lock()
+
+    def fd(self, path: Path) -> int:
+        return self.files.fd(path)
+
+    def read(self, path: Path, views: list[memoryview], offset: int, tensor: str) -> None:
+        self.files.read(path, views, offset, tensor)
+        with self._lock:
+            self.read_bytes += sum(view.nbytes for view in views)
+
+    def head(self, path: Path, nbytes: int) -> bytes:
+        return self.files.head(path, nbytes)
+
+    def close(self) -> None:
+        self.files.close()
+
+
 class Reader:
     """Reads units into their destinations: staged through the ring, or by the lanes.
 
@@ -365,7 +433,8 @@ class Reader:
         files: SourceFiles | None = None,
         feed: Feed | None = None,
     ) -> None:
-        self.files: SourceFiles = Files(spec) if files is None else files
+        self._counted = _Counted(Files(spec) if files is None else files)
+        self.files: SourceFiles = self._counted
         self._feed = feed
         self._params = params
         self._on_filled = on_filled
@@ -373,6 +442,12 @@ class Reader:
         self._queue = ReadQueue(max(1, params.reader_threads // 2))
         self._ring: StagingRing | None = None
         self._ring_lock = anyio.Lock()
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes read from storage so far (tensor data, holes read through included; headers
+        and memory-mapped tensors are not read here)."""
+        return self._counted.read_bytes
 
     @property
     def staging_bytes(self) -> int:
