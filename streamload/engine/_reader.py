@@ -406,8 +406,15 @@ class _Counted:
     def fd(self, path: Path) -> int:
         return self.files.fd(path)
 
-    def read(self, path: Path, views: list[memoryview], offset: int, tensor: str) -> None:
-        self.files.read(path, views, offset, tensor)
+    def read(
+        self,
+        path: Path,
+        views: list[memoryview],
+        offset: int,
+        tensor: str,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        self.files.read(path, views, offset, tensor, prepare)
         with self._lock:
             self.read_bytes += sum(view.nbytes for view in views)
 
