@@ -83,7 +83,9 @@ async def _download(url: str, names: list[str], lanes: int) -> int:
     from obstore.store import from_url
 
     store = from_url(url, client_options={"allow_http": True})
-    sizes = {name: (await obstore.head_async(store, name))["size"] for name in names}
+    # One listing gives every size (as a plain download of a prefix would get them).
+    listing = await obstore.list_with_delimiter_async(store)
+    sizes = {meta["path"]: meta["size"] for meta in listing["objects"]}
     ranges = [(n, s, min(s + CHUNK, sizes[n])) for n in names for s in range(0, sizes[n], CHUNK)]
     queue = list(reversed(ranges))
     kept: list[Any] = []
@@ -132,77 +134,93 @@ def _median_ratio(top: list[float], bottom: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(top, bottom, strict=True))
 
 
-def run(mib: int, rounds: int, shards: int) -> dict[str, Any]:
+# The servers the S3 rounds run against: moto as shipped, and moto serving a ranged GET at the
+# cost of its range (``benchmarks.ranged_moto``) as object stores do.
+SERVERS = {"moto": "moto.server", "ranged_moto": "benchmarks.ranged_moto"}
+
+
+def run(mib: int, rounds: int, shards: int, servers: list[str]) -> dict[str, Any]:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    params = streamload.LoadParams(devices=["cpu"])
+    lanes = params.reader_threads // 2
+    results: dict[str, Any] = {"mib": mib, "shards": shards, "rounds": rounds}
+    results["concurrency"] = lanes
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _checkpoint(Path(tmp) / "ckpt", mib, shards)
+        for server in servers:
+            results[f"s3_{server}"] = _s3_rounds(SERVERS[server], local, params, rounds)
+        snapshot = _hub_cache(Path(tmp) / "hub", local)
+        _timed_load(snapshot, params)  # warm the page cache
+        plain, verified = [], []
+        for _ in range(rounds):
+            plain.append(_timed_load(snapshot, params)[0])
+            checking = streamload.LoadParams(devices=["cpu"], verify=True)
+            verified.append(_timed_load(snapshot, checking)[0])
+        results["verify"] = {
+            "plain_s": statistics.median(plain),
+            "verify_s": statistics.median(verified),
+            "verify_over_plain": _median_ratio(verified, plain),
+        }
+    return results
+
+
+def _s3_rounds(
+    module: str, local: Path, params: streamload.LoadParams, rounds: int
+) -> dict[str, Any]:
+    """Download and load, alternating, ``rounds`` times against a fresh server (``module``)
+    holding ``local``'s files under ``s3://bench/m``."""
     import boto3
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    server, endpoint = _start_server()
+    server, endpoint = _start_server(module)
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="bench",
         AWS_SECRET_ACCESS_KEY="bench",
         AWS_REGION="us-east-1",
     )
-    params = streamload.LoadParams(devices=["cpu"])
     lanes = params.reader_threads // 2
-    results: dict[str, Any] = {
-        "mib": mib,
-        "shards": shards,
-        "rounds": rounds,
-        "concurrency": lanes,
-    }
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = _checkpoint(Path(tmp) / "ckpt", mib, shards)
-            client = boto3.client("s3", endpoint_url=endpoint)
-            client.create_bucket(Bucket="bench")
-            names = sorted(f.name for f in local.iterdir())
-            for name in names:
-                client.put_object(Bucket="bench", Key=f"m/{name}", Body=(local / name).read_bytes())
-            url = "s3://bench/m"
-            objects = [n for n in names if n.endswith(".safetensors")]
-            download, load, stream = [], [], []
-            for _ in range(rounds):
-                started = time.perf_counter()
-                nbytes = asyncio.run(_download(url, objects, lanes))
-                download.append(time.perf_counter() - started)
-                whole, streaming = _timed_load(url, params)
-                load.append(whole)
-                stream.append(streaming)
-            results["s3"] = {
-                "bytes": nbytes,
-                "download_s": statistics.median(download),
-                "streamload_s": statistics.median(load),
-                "streamload_stream_s": statistics.median(stream),
-                "download_gb_per_s": nbytes / statistics.median(download) / 1e9,
-                "streamload_gb_per_s": nbytes / statistics.median(load) / 1e9,
-                "streamload_over_download": _median_ratio(download, load),
-                "streaming_over_download": _median_ratio(download, stream),
-            }
-            snapshot = _hub_cache(Path(tmp) / "hub", local)
-            _timed_load(snapshot, params)  # warm the page cache
-            plain, verified = [], []
-            for _ in range(rounds):
-                plain.append(_timed_load(snapshot, params)[0])
-                checking = streamload.LoadParams(devices=["cpu"], verify=True)
-                verified.append(_timed_load(snapshot, checking)[0])
-            results["verify"] = {
-                "plain_s": statistics.median(plain),
-                "verify_s": statistics.median(verified),
-                "verify_over_plain": _median_ratio(verified, plain),
-            }
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="bench")
+        names = sorted(f.name for f in local.iterdir())
+        for name in names:
+            client.put_object(Bucket="bench", Key=f"m/{name}", Body=(local / name).read_bytes())
+        url = "s3://bench/m"
+        objects = [n for n in names if n.endswith(".safetensors")]
+        download, load, stream = [], [], []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            nbytes = asyncio.run(_download(url, objects, lanes))
+            download.append(time.perf_counter() - started)
+            whole, streaming = _timed_load(url, params)
+            load.append(whole)
+            stream.append(streaming)
     finally:
         server.terminate()
         server.wait()
-    return results
+    return {
+        "server": module,
+        "bytes": nbytes,
+        "download_s": statistics.median(download),
+        "streamload_s": statistics.median(load),
+        "streamload_stream_s": statistics.median(stream),
+        "download_gb_per_s": nbytes / statistics.median(download) / 1e9,
+        "streamload_gb_per_s": nbytes / statistics.median(load) / 1e9,
+        "streamload_over_download": _median_ratio(download, load),
+        "streaming_over_download": _median_ratio(download, stream),
+        "rounds_streamload_over_download": [
+            round(d / w, 3) for d, w in zip(download, load, strict=True)
+        ],
+    }
 
 
-def _start_server() -> tuple[subprocess.Popen[bytes], str]:
-    """``moto_server`` on a free port of 127.0.0.1, in its own process, once it answers."""
+def _start_server(module: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``module``'s moto server on a free port of 127.0.0.1, in its own process, once it
+    answers."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    command = [sys.executable, "-m", module, "-H", "127.0.0.1", "-p", str(port)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(200):
@@ -212,7 +230,7 @@ def _start_server() -> tuple[subprocess.Popen[bytes], str]:
         except OSError:
             time.sleep(0.05)
     server.terminate()
-    raise RuntimeError("moto_server did not start")
+    raise RuntimeError(f"{module} did not start")
 
 
 def main() -> None:
@@ -222,9 +240,10 @@ def main() -> None:
     # moto reads a whole object for every ranged GET, so on big objects each request costs the
     # server the object's size: shards of ~16 MiB keep that artifact from deciding the result.
     parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--server", choices=sorted(SERVERS), action="append")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = run(args.mib, args.rounds, args.shards)
+    results = run(args.mib, args.rounds, args.shards, args.server or list(SERVERS))
     text = json.dumps(results, indent=2)
     print(text)
     if args.json is not None:

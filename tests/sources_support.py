@@ -120,14 +120,17 @@ class Faults:
     """What the proxy does to requests whose path ends with ``target``.
 
     ``drop_after``: forward that many body bytes of a ranged GET's response, then close the
-    connection (``drops`` times, ``-1``: always); ``deny``: answer every request 403.
+    connection (``drops`` times, ``-1``: always); ``deny``: answer every request 403;
+    ``deny_listing``: answer listings 403. ``seen``: every request, as (method, path, range).
     """
 
     target: str = ""
     drop_after: int = 0
     drops: int = 0
     deny: bool = False
+    deny_listing: bool = False
     dropped: int = 0
+    seen: list[tuple[str, str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def should_drop(self, path: str, ranged: bool) -> bool:
@@ -163,7 +166,9 @@ def start_proxy(upstream: str, faults: Faults) -> tuple[str, Callable[[], None]]
             self._forward()
 
         def _forward(self) -> None:
-            if faults.deny:
+            with faults.lock:
+                faults.seen.append((self.command, self.path, self.headers.get("Range", "")))
+            if faults.deny or (faults.deny_listing and "list-type=" in self.path):
                 self.send_response(403)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(_DENIED)))

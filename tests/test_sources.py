@@ -18,11 +18,13 @@ import anyio
 import boto3
 import huggingface_hub.constants
 import pytest
+import safetensors.torch
 import torch
 from moto.server import ThreadedMotoServer
 
 import streamload
 from streamload.events import Event, LayerPlaced, PlanComputed
+from streamload.sources._object import FIRST_READ
 from streamload.testing import SimulatedGPU
 from tests.engine_support import assert_identical, params, reference
 from tests.sources_support import (
@@ -295,6 +297,96 @@ def test_access_denied_names_the_url(s3: Store, monkeypatch: pytest.MonkeyPatch)
             streamload.inspect(f"s3://{BUCKET}/single")
     finally:
         stop()
+
+
+def _ranged_gets(faults: Faults, prefix: str) -> dict[str, list[str]]:
+    """The ranges asked of each object under ``prefix`` through the proxy, by object name."""
+    gets: dict[str, list[str]] = {}
+    for method, path, asked in faults.seen:
+        head, _, name = path.split("?")[0].rpartition("/")
+        if method == "GET" and asked and head.endswith(f"/{prefix}"):
+            gets.setdefault(name, []).append(asked)
+    return gets
+
+
+async def test_a_header_takes_one_speculative_read_and_a_longer_one_a_second(
+    s3: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Planning reads each shard's header with one ranged GET of its first ``FIRST_READ``
+    bytes (a sharded prefix is not listed); a header longer than that costs one more GET for
+    exactly the rest; an object shorter than it is read whole by the first. Each loads
+    bit-identical to its local copy and plans as it does."""
+    long_header = single(tmp_path / "long")
+    tensors = safetensors.torch.load_file(long_header / "model.safetensors")
+    padding = {"padding": "x" * (FIRST_READ + 10_000)}  # pushes the header past the first read
+    safetensors.torch.save_file(tensors, long_header / "model.safetensors", metadata=padding)
+    small = encoder(tmp_path / "small")
+    tensors = safetensors.torch.load_file(small / "model.safetensors")
+    half = {name: tensor.to(torch.bfloat16) for name, tensor in tensors.items()}
+    safetensors.torch.save_file(half, small / "model.safetensors")
+    assert (small / "model.safetensors").stat().st_size < FIRST_READ
+    for prefix, local in [("long-header", long_header), ("small", small)]:
+        upload(s3.client, BUCKET, prefix, local)
+    faults = Faults()
+    url, stop = start_proxy(s3.endpoint, faults)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    p = params(["cpu"], cpu_memory_bytes=2**33)
+    first = f"bytes=0-{FIRST_READ - 1}"
+    try:
+        cases = [("sharded", s3.local["sharded"]), ("long-header", long_header), ("small", small)]
+        for prefix, local in cases:
+            faults.seen.clear()
+            source = f"s3://{BUCKET}/{prefix}"
+            assert streamload.plan(local, p).to_dict() == streamload.plan(source, p).to_dict()
+            gets = _ranged_gets(faults, prefix)
+            shards = sorted(f.name for f in local.glob("*.safetensors"))
+            assert shards == sorted(gets)
+            listed = [path for _, path, _ in faults.seen if "list-type=" in path]
+            if prefix == "sharded":
+                assert all([first] == gets[name] for name in shards)
+                assert [] == listed
+            elif prefix == "small":
+                assert [first] == gets["model.safetensors"]
+            else:
+                with (local / "model.safetensors").open("rb") as file:
+                    end = 8 + int.from_bytes(file.read(8), "little")
+                assert [first, f"bytes={FIRST_READ}-{end - 1}"] == gets["model.safetensors"]
+            model = await streamload.load(source, p)
+            assert_identical(model.tensors, reference(local), None)
+            model.release()
+    finally:
+        stop()
+
+
+def test_a_sharded_prefix_needs_no_listing_a_single_file_does(
+    s3: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With listings denied (a policy without ``ListBucket``) a sharded prefix, found by its
+    index, still plans; a single-file prefix, found by listing, is an access-denied error
+    naming it; a URL naming the file needs no listing."""
+    url, stop = start_proxy(s3.endpoint, Faults(deny_listing=True))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    p = params(["cpu"], cpu_memory_bytes=2**33)
+    try:
+        local = streamload.plan(s3.local["sharded"], p)
+        assert local.to_dict() == streamload.plan(f"s3://{BUCKET}/sharded", p).to_dict()
+        with pytest.raises(streamload.SourceError, match="access denied") as raised:
+            streamload.plan(f"s3://{BUCKET}/single", p)
+        assert f"s3://{BUCKET}/single" in str(raised.value)
+        named = f"s3://{BUCKET}/single/model.safetensors"
+        assert streamload.plan(s3.local["single"], p).layer_devices == (
+            streamload.plan(named, p).layer_devices
+        )
+    finally:
+        stop()
+
+
+def test_an_empty_object_is_a_checkpoint_error(s3: Store) -> None:
+    """A zero-byte shard (no range of it exists) is reported as a too-short file, naming it."""
+    s3.client.put_object(Bucket=BUCKET, Key="empty/model.safetensors", Body=b"")
+    s3.client.put_object(Bucket=BUCKET, Key="empty/config.json", Body=b"{}")
+    with pytest.raises(streamload.CheckpointError, match=f"s3://{BUCKET}/empty/model.safetensors"):
+        streamload.inspect(f"s3://{BUCKET}/empty")
 
 
 def test_mmap_is_refused_for_objects(s3: Store) -> None:

@@ -108,8 +108,18 @@ class Files:
             )
         return fd
 
-    def read(self, path: Path, views: list[memoryview], offset: int, tensor: str) -> None:
-        """Fill ``views`` from the shard at ``offset`` (``read_into``; blocking)."""
+    def read(
+        self,
+        path: Path,
+        views: list[memoryview],
+        offset: int,
+        tensor: str,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        """Fill ``views`` from the shard at ``offset`` (``read_into``; blocking), after
+        ``prepare``."""
+        if prepare is not None:
+            prepare()
         read_into(self.fd(path), views, offset, path, tensor)
 
     def head(self, path: Path, nbytes: int) -> bytes:
@@ -158,26 +168,26 @@ def read_direct(
     stable: bool = True,
     direct: DirectReads | None = None,
 ) -> ChunkTimes:
-    """Read ``chunk`` straight into its host destinations (blocking), faulting in first the
-    4 KiB pages the pieces say (``_hostmem.prefault``); returns when the read ran.
-    ``stable``: the destinations keep these bytes after the read (no conversion buffer, which
-    a later unit may reuse). A chunk with holes (a strided slice) is never fed to the
-    verifier: its bytes are not the file's. ``direct``: with ``O_DIRECT`` where the filesystem
-    allows (chunks without holes)."""
+    """Read ``chunk`` straight into its host destinations (blocking), faulting in the 4 KiB
+    pages the pieces say (``_hostmem.prefault``) before the bytes arrive: before a file's read,
+    while an object's response is on its way. Returns when the read ran. ``stable``: the
+    destinations keep these bytes after the read (no conversion buffer, which a later unit may
+    reuse). A chunk with holes (a strided slice) is never fed to the verifier: its bytes are
+    not the file's. ``direct``: with ``O_DIRECT`` where the filesystem allows (chunks without
+    holes)."""
     started = time.perf_counter()
-    for piece in chunk.pieces:
-        if piece.fault_from < len(piece.dst):
-            _hostmem.prefault(piece.dst[piece.fault_from :])
-    if direct is None or chunk.holes or not direct.read_pieces(chunk):
-        views = [host_view(piece.dst) for piece in chunk.pieces]
-        try:
-            if chunk.holes:
-                _read_holed(files, chunk, lambda start, end: _piece_views(chunk, views, start, end))
-            else:
-                files.read(chunk.path, views, chunk.offset, chunk.pieces[0].tensor)
-        finally:
-            for view in views:
-                view.release()
+
+    def prefault() -> None:
+        for piece in chunk.pieces:
+            if piece.fault_from < len(piece.dst):
+                _hostmem.prefault(piece.dst[piece.fault_from :])
+
+    if direct is not None and not chunk.holes:
+        prefault()
+        if not direct.read_pieces(chunk):  # refused: through the page cache, faulted in
+            _read_pieces(files, chunk, None)
+    else:
+        _read_pieces(files, chunk, prefault)
     if feed is not None and not chunk.holes:
         feed(chunk.path, chunk.offset, [piece.dst for piece in chunk.pieces], stable)
     ended = time.perf_counter()
@@ -256,6 +266,22 @@ def _read_buffered(files: SourceFiles, chunk: Chunk, slot: Slot) -> int:
         view = slot.view[lead : lead + chunk.nbytes]
         files.read(chunk.path, [view], chunk.offset, chunk.pieces[0].tensor)
     return lead
+
+
+def _read_pieces(files: SourceFiles, chunk: Chunk, prepare: Callable[[], None] | None) -> None:
+    """Fill the chunk's pieces through ``files`` (``prepare``: fault them in once the read is
+    under way, or first for a chunk with holes)."""
+    views = [host_view(piece.dst) for piece in chunk.pieces]
+    try:
+        if chunk.holes:
+            if prepare is not None:
+                prepare()
+            _read_holed(files, chunk, lambda start, end: _piece_views(chunk, views, start, end))
+        else:
+            files.read(chunk.path, views, chunk.offset, chunk.pieces[0].tensor, prepare)
+    finally:
+        for view in views:
+            view.release()
 
 
 def _read_holed(
@@ -422,8 +448,15 @@ class _Counted:
     def fd(self, path: Path) -> int:
         return self.files.fd(path)
 
-    def read(self, path: Path, views: list[memoryview], offset: int, tensor: str) -> None:
-        self.files.read(path, views, offset, tensor)
+    def read(
+        self,
+        path: Path,
+        views: list[memoryview],
+        offset: int,
+        tensor: str,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        self.files.read(path, views, offset, tensor, prepare)
         with self._lock:
             self.read_bytes += sum(view.nbytes for view in views)
 

@@ -34,14 +34,23 @@ class SourceFiles(Protocol):
     """How the engine's reader threads get a checkpoint's bytes (blocking calls, thread-safe).
 
     ``local``: the files are local, so ``fd`` gives a descriptor (read-ahead advice, page-cache
-    probes and memory maps use it); objects are read by range only.
+    probes and memory maps use it); objects are read by range only. ``read`` calls ``prepare``
+    (when given) once before the bytes land: a file's before its read, an object's once its
+    request is answered, so the work overlaps the transfer.
     """
 
     local: bool
 
     def fd(self, path: Path) -> int: ...
 
-    def read(self, path: Path, views: list[memoryview], offset: int, tensor: str) -> None: ...
+    def read(
+        self,
+        path: Path,
+        views: list[memoryview],
+        offset: int,
+        tensor: str,
+        prepare: Callable[[], None] | None = None,
+    ) -> None: ...
 
     def head(self, path: Path, nbytes: int) -> bytes: ...
 

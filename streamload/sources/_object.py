@@ -1,22 +1,25 @@
 """Object-store checkpoints (``s3://``, ``gs://``, ``az://``) through obstore.
 
-What is requested, and how:
+What is requested, and how (a request costs a round trip, so set-up issues as few as it can and
+runs them side by side):
 
-- one listing of the prefix (names, sizes, ETags), then the index and ``config.json`` by GET;
-- each shard's header by ranged GETs: the first ``FIRST_READ`` bytes (the 8-byte length and,
-  for almost every shard, the whole header it announces), then the rest of a longer header
-  (several shards at once); parsed and validated exactly like a local file's. A request costs
-  a round trip, so one speculative read replaces the exact 8 bytes a first read would take;
-
+- the index and ``config.json`` by GET, at once; a listing of the prefix only when there is no
+  index (a single-file checkpoint is found by name), so a sharded checkpoint needs no
+  ``ListBucket`` permission;
+- each shard's header by one speculative ranged GET of its first ``FIRST_READ`` bytes (the
+  8-byte length and, nearly always, the whole header it announces), every shard at once as
+  soon as the index names them; a longer header costs one more GET for the rest. That GET's
+  response gives the object's size and ETag. Parsed and validated exactly like a local file's;
 - tensor bytes by ranged GETs of one chunk each (``LoadParams.chunk_bytes``, from the engine's
-  reader lanes and staged reads, so as many are in flight as for local files), streamed
-  straight into the destination memory the engine hands over: the staging slot or the CPU
-  tensor. Nothing is written to disk.
+  reader lanes and staged reads, so as many are in flight as for local files), each collected
+  by obstore outside the interpreter lock and copied once into the destination memory the
+  engine hands over: the staging slot or the CPU tensor. Nothing is written to disk. A host
+  destination's pages are faulted in while the response is on its way.
 
-Every ranged GET carries ``If-Match`` with the ETag the listing returned, so an object that is
-overwritten during the load fails its next read (``ObjectChangedError``) instead of mixing two
-versions. A read whose connection drops mid-range is resumed from the last byte received, at
-most ``RANGE_RETRIES`` times, then fails naming the object and the offset.
+Every ranged GET of tensor bytes carries ``If-Match`` with the ETag the header read returned,
+so an object that is overwritten during the load fails its next read (``ObjectChangedError``)
+instead of mixing two versions. A read whose connection drops is retried by obstore, then
+requested again at most ``RANGE_RETRIES`` times, then fails naming the object and the offset.
 
 Credentials and endpoints come from the standard environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, and the
@@ -33,12 +36,12 @@ import os
 import struct
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from obstore import GetOptions
@@ -73,11 +76,12 @@ __all__ = [
     "open_url",
 ]
 
+_T = TypeVar("_T")
+
 SCHEMES = ("s3://", "gs://", "az://")
 RANGE_RETRIES = 2  # further requests of the rest of a range after obstore gave up on one
 _HEADER_WORKERS = 16  # shards whose headers are fetched at once
 FIRST_READ = 1 << 16  # the first read of a shard: its prefix and, nearly always, its header
-_STREAM_PIECE = 1 << 20  # bytes obstore collects before handing a piece of a range over
 _CONFIG_NAME = "config.json"
 
 
@@ -106,29 +110,34 @@ class ObjectStoreCheckpoint:
 def open_url(
     url: str, storage_options: Mapping[str, str], connect_timeout: float, verify: bool
 ) -> ObjectStoreCheckpoint:
-    """List ``url``'s prefix, read its index, config and headers (blocking). ``verify``: also
-    ask the store for each shard's recorded sha256 (a HEAD per shard, S3 only)."""
+    """Read ``url``'s index, config and headers (blocking; the requests run side by side).
+    ``verify``: also ask the store for each shard's recorded sha256 (a HEAD per shard, S3
+    only)."""
     base = url.rstrip("/")
     given = None
     if base.endswith((".safetensors", ".index.json")):
         base, _, given = base.rpartition("/")
-    store = _store(base, storage_options, connect_timeout)
-    listing = _list(store, base)
-    files = ObjectFiles(base, store, listing)
-    name = given or (INDEX_NAME if INDEX_NAME in listing else _single_name(base, listing))
+    files = ObjectFiles(base, _store(base, storage_options, connect_timeout))
     root = Path(base)
-    if name.endswith(".index.json"):
-        index = root / name
-        weight_map, shard_names = parse_index(files.get(index), index)
-        headers = files.headers([root / shard for shard in shard_names], missing=MissingShardError)
-        checkpoint = checked_checkpoint(root, index, weight_map, shard_names, headers)
-    else:
-        (header,) = files.headers([root / name], missing=CheckpointError)
-        checkpoint = Checkpoint(root, (header,), {e.name: e for e in header.tensors})
-    config = _config(files, root / _CONFIG_NAME)
-    if verify:
-        files.ask_checksums([shard.path for shard in checkpoint.shards], connect_timeout)
-    return ObjectStoreCheckpoint(checkpoint, config, files)
+    with ThreadPoolExecutor(_HEADER_WORKERS) as pool:
+        config = pool.submit(files.fetch, _CONFIG_NAME)
+        index_name = given or INDEX_NAME
+        raw = files.fetch(index_name) if index_name.endswith(".index.json") else None
+        if raw is None and given is not None and given.endswith(".index.json"):
+            raise CheckpointError(root / given, "no such object")
+        if raw is not None:
+            index = root / index_name
+            weight_map, shard_names = parse_index(raw, index)
+            headers = files.headers(pool, shard_names, missing=MissingShardError)
+            checkpoint = checked_checkpoint(root, index, weight_map, shard_names, headers)
+        else:
+            name = given or _single_name(base, files.listing())
+            (header,) = files.headers(pool, [name], missing=CheckpointError)
+            checkpoint = Checkpoint(root, (header,), {e.name: e for e in header.tensors})
+        if verify:
+            files.ask_checksums(pool, [shard.path for shard in checkpoint.shards], connect_timeout)
+        found = config.result()
+    return ObjectStoreCheckpoint(checkpoint, _config(found, root / _CONFIG_NAME), files)
 
 
 class ObjectFiles:
@@ -137,10 +146,10 @@ class ObjectFiles:
 
     local = False
 
-    def __init__(self, base: str, store: Any, listing: Mapping[str, _Object]) -> None:
+    def __init__(self, base: str, store: Any) -> None:
         self._base = base
         self._store = store
-        self._objects = {Path(f"{base}/{name}"): obj for name, obj in listing.items()}
+        self._objects: dict[Path, _Object] = {}  # each shard, from its header read
         self._heads: dict[Path, bytes] = {}
         self.checksums: dict[Path, str | None] = {}
 
@@ -156,40 +165,66 @@ class ObjectFiles:
             else self._range(path, 0, nbytes)
         )
 
-    def get(self, path: Path) -> bytes:
-        """A whole small object (index, config)."""
-        obj = self._object(path, CheckpointError)
-        return self._range(path, 0, obj.size) if obj.size else b""
-
-    def read(self, path: Path, views: list[memoryview], offset: int, tensor: str) -> None:
-        """Fill ``views`` with the object's bytes from ``offset`` (one ranged GET, streamed into
-        them; resumed after a dropped connection up to ``RANGE_RETRIES`` times)."""
+    def fetch(self, name: str) -> bytes | None:
+        """A whole small object under the prefix (index, config); ``None`` if there is none."""
         import obstore
         from obstore import exceptions
 
+        try:
+            return bytes(obstore.get(self._store, name).bytes())
+        except FileNotFoundError:  # obstore's "not found"
+            return None
+        except exceptions.BaseError as exc:
+            raise _request_error(f"{self._base}/{name}", exc) from exc
+
+    def listing(self) -> dict[str, _Object]:
+        """The objects directly under the prefix, by name (``_list``)."""
+        return _list(self._store, self._base)
+
+    def read(
+        self,
+        path: Path,
+        views: list[memoryview],
+        offset: int,
+        tensor: str,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        """Fill ``views`` with the object's bytes from ``offset``: one ranged GET, collected by
+        obstore and copied once into them (``_retried``). ``prepare`` runs once, when the
+        request is first answered, while its body arrives (the engine faults in the
+        destination's pages there)."""
         obj = self._object(path, CheckpointError)
-        sink = _Sink([v for v in views if v.nbytes])
-        end = offset + sink.nbytes
-        pos, failures = offset, 0
-        while pos < end:
+        pending = [v for v in views if v.nbytes]
+        end = offset + sum(v.nbytes for v in pending)
+        left = [prepare] if prepare is not None else []
+
+        def once() -> None:
+            while left:
+                left.pop()()
+
+        data = self._retried(
+            path, tensor, offset, end, lambda: self._get(path, obj, offset, end, once)
+        )
+        _fill(pending, data)
+
+    def _retried(
+        self, path: Path, what: str, start: int, end: int, attempt: Callable[[], _T]
+    ) -> _T:
+        """``attempt()``, made again after a failed request or a short body (obstore has
+        retried the request already) up to ``RANGE_RETRIES`` times, then a ``SourceError``
+        naming the object and the offset. A range is requested whole again: it is one chunk."""
+        from obstore import exceptions
+
+        failures = 0
+        while True:
             try:
-                result = obstore.get(self._store, obj.key, options=self._options(obj, pos, end))
-                for piece in result.stream(min_chunk_size=_STREAM_PIECE):
-                    pos += sink.write(piece)
-                if pos < end:
-                    raise OSError(f"the response ended {end - pos} bytes short")
-            except exceptions.PreconditionError as exc:
-                raise ObjectChangedError(
-                    location(path), f"its ETag is no longer {obj.etag}: it changed while being read"
-                ) from exc
-            except exceptions.NotFoundError as exc:
-                raise ObjectChangedError(location(path), "it was deleted while being read") from exc
-            except (exceptions.BaseError, OSError) as exc:
+                return attempt()
+            except (exceptions.BaseError, OSError) as exc:  # incl. a short or long body
                 failures += 1
                 if failures > RANGE_RETRIES:
                     raise SourceError(
                         location(path),
-                        f"reading {tensor!r} failed at byte {pos} (range {offset}-{end}) after "
+                        f"reading {what!r} failed at byte {start} (range {start}-{end}) after "
                         f"{failures} attempts: {_first_line(exc)}",
                     ) from exc
                 time.sleep(0.05 * 2**failures)
@@ -197,20 +232,20 @@ class ObjectFiles:
     def close(self) -> None:
         self._heads.clear()
 
-    def headers(self, paths: list[Path], *, missing: type[CheckpointError]) -> list[ShardHeader]:
-        """Fetch and parse the headers of ``paths`` (several at once), in order."""
-        for path in paths:
-            self._object(path, missing)
-        with ThreadPoolExecutor(min(_HEADER_WORKERS, len(paths))) as pool:
-            return list(pool.map(self._header, paths))
+    def headers(
+        self, pool: ThreadPoolExecutor, names: list[str], *, missing: type[CheckpointError]
+    ) -> list[ShardHeader]:
+        """Fetch and parse the headers of the objects ``names`` (all at once), in order."""
+        futures = [pool.submit(self._header, name, missing) for name in names]
+        return [future.result() for future in futures]
 
-    def ask_checksums(self, paths: list[Path], timeout: float) -> None:
+    def ask_checksums(self, pool: ThreadPoolExecutor, paths: list[Path], timeout: float) -> None:
         """Record each object's ``x-amz-checksum-sha256`` (hex), ``None`` where the store keeps
-        none or is not S3. A HEAD through a presigned URL: obstore does not return the header."""
-        for path in paths:
-            self.checksums[path] = None
-            if self._base.startswith("s3://"):
-                self.checksums[path] = self._s3_sha256(path, timeout)
+        none or is not S3. A HEAD through a presigned URL (obstore does not return the header),
+        all at once."""
+        s3 = self._base.startswith("s3://")
+        found = pool.map(lambda path: self._s3_sha256(path, timeout) if s3 else None, paths)
+        self.checksums.update(zip(paths, found, strict=True))
 
     def _s3_sha256(self, path: Path, timeout: float) -> str | None:
         import obstore
@@ -230,9 +265,12 @@ class ObjectFiles:
             return None
         return base64.b64decode(value).hex()
 
-    def _header(self, path: Path) -> ShardHeader:
-        obj = self._object(path, CheckpointError)
-        data = self._range(path, 0, min(FIRST_READ, obj.size)) if obj.size else b""
+    def _header(self, name: str, missing: type[CheckpointError]) -> ShardHeader:
+        """One shard's header: a speculative GET of its first ``FIRST_READ`` bytes (which also
+        gives its size and ETag), then the rest of a header longer than that."""
+        path = Path(f"{self._base}/{name}")
+        data, obj = self._first_read(path, name, missing)
+        self._objects[path] = obj
         if len(data) >= 8:
             (length,) = struct.unpack_from("<Q", data)
             end = 8 + length
@@ -241,6 +279,52 @@ class ObjectFiles:
             data = data[: max(8, min(end, len(data)))]
         self._heads[path] = data
         return parse_header(data, path=path, file_size=obj.size)
+
+    def _first_read(
+        self, path: Path, name: str, missing: type[CheckpointError]
+    ) -> tuple[bytes, _Object]:
+        """The first ``FIRST_READ`` bytes of ``name`` (all of a shorter object) and what the
+        response says of it; an empty object, which has no range, by a HEAD."""
+        import obstore
+        from obstore import exceptions
+
+        def attempt() -> tuple[bytes, _Object]:
+            try:
+                result = obstore.get(self._store, name, options={"range": (0, FIRST_READ)})
+                meta, data = result.meta, bytes(result.bytes())
+            except FileNotFoundError as exc:  # obstore's "not found"
+                raise missing(path, "no such object") from exc
+            except (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError) as exc:
+                raise _request_error(location(path), exc) from exc
+            except exceptions.BaseError as exc:
+                if " 416 " not in str(exc):  # not an empty object (no range of it exists)
+                    raise
+                meta, data = obstore.head(self._store, name), b""
+            return data, _Object(name, meta["size"], meta["e_tag"])
+
+        return self._retried(path, "header", 0, FIRST_READ, attempt)
+
+    def _get(
+        self, path: Path, obj: _Object, start: int, end: int, prepare: Callable[[], None]
+    ) -> Any:
+        """Bytes ``[start, end)`` of ``obj`` as obstore's buffer (one attempt; ``prepare``
+        between the answer and the body)."""
+        import obstore
+        from obstore import exceptions
+
+        try:
+            result = obstore.get(self._store, obj.key, options=self._options(obj, start, end))
+            prepare()
+            data = result.bytes()
+        except exceptions.PreconditionError as exc:
+            raise ObjectChangedError(
+                location(path), f"its ETag is no longer {obj.etag}: it changed while being read"
+            ) from exc
+        except FileNotFoundError as exc:  # obstore's "not found"
+            raise ObjectChangedError(location(path), "it was deleted while being read") from exc
+        if len(data) != end - start:
+            raise OSError(f"the response held {len(data)} bytes, not {end - start}")
+        return data
 
     def _object(self, path: Path, missing: type[CheckpointError]) -> _Object:
         obj = self._objects.get(path)
@@ -255,7 +339,7 @@ class ObjectFiles:
         return options
 
     def _range(self, path: Path, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of a small range (prefix, header, index, config)."""
+        """Bytes ``[start, end)`` of a small range (the rest of a long header)."""
         buffer = bytearray(end - start)
         view = memoryview(buffer)
         try:
@@ -265,29 +349,16 @@ class ObjectFiles:
         return bytes(buffer)
 
 
-class _Sink:
-    """Writes a stream of pieces into ``views`` one after another (one copy per byte)."""
-
-    def __init__(self, views: list[memoryview]) -> None:
-        self._views = views
-        self._at = 0  # bytes of views[0] already written
-        self.nbytes = sum(v.nbytes for v in views)
-
-    def write(self, piece: Any) -> int:
-        data = memoryview(piece).cast("B")
-        written = 0
-        while written < len(data) and self._views:
-            view = self._views[0]
-            take = min(view.nbytes - self._at, len(data) - written)
-            view[self._at : self._at + take] = data[written : written + take]
-            written += take
-            self._at += take
-            if self._at == view.nbytes:
-                self._views.pop(0)
-                self._at = 0
-        if written < len(data):
-            raise OSError(f"the response sent {len(data) - written} bytes more than asked for")
-        return written
+def _fill(views: list[memoryview], data: Any) -> None:
+    """Copy ``data`` (exactly their bytes) into ``views``, one after another."""
+    source = memoryview(data).cast("B")
+    at = 0
+    try:
+        for view in views:
+            view[:] = source[at : at + view.nbytes]
+            at += view.nbytes
+    finally:
+        source.release()
 
 
 def _store(base: str, options: Mapping[str, str], connect_timeout: float) -> Any:
@@ -331,10 +402,8 @@ def _list(store: Any, base: str) -> dict[str, _Object]:
 
     try:
         listing = obstore.list_with_delimiter(store)
-    except (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError) as exc:
-        raise SourceError(base, f"access denied: {_first_line(exc)}") from exc
     except exceptions.BaseError as exc:
-        raise _listing_error(base, exc) from exc
+        raise _request_error(base, exc, "cannot list") from exc
     objects = {
         meta["path"].rpartition("/")[2]: _Object(meta["path"], meta["size"], meta["e_tag"])
         for meta in listing["objects"]
@@ -344,15 +413,20 @@ def _list(store: Any, base: str) -> dict[str, _Object]:
     return objects
 
 
-def _listing_error(base: str, exc: Exception) -> StreamloadError:
+def _request_error(where: str, exc: Exception, doing: str = "cannot read") -> StreamloadError:
+    """A failed request as a ``SourceError`` naming ``where`` (the prefix or the object):
+    a missing bucket, an access denial, an unreachable endpoint, anything else."""
+    from obstore import exceptions
+
     text = str(exc)
     if "NoSuchBucket" in text:
-        return SourceError(base, "no such bucket")
-    if "AccessDenied" in text or " 403 " in text:
-        return SourceError(base, f"access denied: {_first_line(exc)}")
+        return SourceError(where, "no such bucket")
+    denied = (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError)
+    if isinstance(exc, denied) or "AccessDenied" in text or " 403 " in text:
+        return SourceError(where, f"access denied: {_first_line(exc)}")
     if "error sending request" in text or "connect" in text.lower() or "timed out" in text:
-        return SourceUnreachableError(base, f"the endpoint cannot be reached: {_first_line(exc)}")
-    return SourceError(base, f"cannot list: {_first_line(exc)}")
+        return SourceUnreachableError(where, f"the endpoint cannot be reached: {_first_line(exc)}")
+    return SourceError(where, f"{doing}: {_first_line(exc)}")
 
 
 def _single_name(base: str, listing: Mapping[str, _Object]) -> str:
@@ -368,13 +442,11 @@ def _single_name(base: str, listing: Mapping[str, _Object]) -> str:
     )
 
 
-def _config(files: ObjectFiles, path: Path) -> Mapping[str, Any]:
+def _config(raw: bytes | None, path: Path) -> Mapping[str, Any]:
     import json
 
-    try:
-        raw = files.get(path)
-    except CheckpointError as exc:
-        raise ConfigError(path, "not found (a checkpoint needs its config.json)") from exc
+    if raw is None:
+        raise ConfigError(path, "not found (a checkpoint needs its config.json)")
     try:
         config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
