@@ -65,6 +65,9 @@ class Layout:
     huge_pages: bool  # whole 2 MiB stretches of destinations in transparent huge pages
     # Read with O_DIRECT (``LoadParams.direct_io``): host blocks co-aligned to ``DIRECT_ALIGN``.
     direct_io: bool = False
+    # Read straight into (not staged) and mostly not in the page cache: the reader gives it
+    # more lanes, so reads stay in flight while other lanes fault fresh pages in.
+    cold: bool = False
 
 
 def layout(device: Device, params: LoadParams, warm: Callable[[], bool]) -> Layout:
@@ -74,6 +77,7 @@ def layout(device: Device, params: LoadParams, warm: Callable[[], bool]) -> Layo
     ``O_DIRECT`` reads (``LoadParams.direct_io``) always, or under ``"auto"`` for a unit that
     is not ``warm()`` (bytes in the page cache are copied from it, not read again)."""
     direct = params.direct_io is True or (params.direct_io == "auto" and not warm())
+    cold = not device.staged and not warm()
     huge = (
         params.huge_pages is not False
         and device.host_memory
@@ -85,6 +89,7 @@ def layout(device: Device, params: LoadParams, warm: Callable[[], bool]) -> Layo
         mmap=not device.is_gpu and not device.staged and params.cpu_policy == "mmap",
         huge_pages=huge,
         direct_io=direct,
+        cold=cold,
     )
 
 
@@ -175,6 +180,7 @@ class Destinations:
             free_before,
             got.huge_bytes,
             direct_io=how.direct_io,
+            cold=how.cold,
         )
         flight.allocated = time.perf_counter()
         return flight

@@ -401,12 +401,14 @@ class ReadQueue:
         self._work: deque[tuple[InFlight, Chunk]] = deque()
         self._running = 0
 
-    def put(self, flight: InFlight) -> int:
-        """Queue ``flight``'s chunks; returns how many lanes to start for them."""
+    def put(self, flight: InFlight, lanes: int | None = None) -> int:
+        """Queue ``flight``'s chunks; returns how many lanes to start for them (up to
+        ``lanes`` running, ``self.lanes`` when not given)."""
         with self._lock:
             flight.pending = len(flight.chunks)
             self._work.extend((flight, chunk) for chunk in flight.chunks)
-            start = max(0, min(self.lanes, len(self._work)) - self._running)
+            most = self.lanes if lanes is None else lanes
+            start = max(0, min(most, len(self._work)) - self._running)
             self._running += start
             return start
 
@@ -521,8 +523,18 @@ class Reader:
         elif not flight.chunks:
             self._filled(flight)
         else:
-            for _ in range(self._queue.put(flight)):
+            for _ in range(self._queue.put(flight, self._lanes(flight))):
                 group.start_soon(self._lane)
+
+    def _lanes(self, flight: InFlight) -> int:
+        """Lanes for a unit read straight into its destination: ``reader_threads // 2`` from
+        the page cache, where two lanes per core already keep both busy copying and more
+        only contend; ``reader_threads`` for a local unit the disk must read, since a lane
+        faulting fresh destination pages in has no read in flight meanwhile and the disk
+        would wait (``benchmarks/results/measurements.md``)."""
+        if flight.cold and self.files.local:
+            return max(1, self._params.reader_threads)
+        return self._queue.lanes
 
     def prefetch(self, unit: Unit, probe: Callable[[], bool]) -> None:
         """Ask the kernel to start reading ``unit``'s bytes into the page cache now, so the
