@@ -343,16 +343,22 @@ def reaped(processes: list[Any]) -> Iterator[None]:
                 process.join(5)
 
 
-def run_ranks(world: int, name: str, ckpt: Path, out: Path) -> list[dict[str, Any] | None]:
-    """Run scenario ``name`` on ``world`` rank processes; each rank's result (``None`` for a
-    rank that wrote none). Fails if the group is not done within ``RANKS_LIMIT`` seconds."""
+def run_ranks(
+    world: int, name: str, ckpt: Path, out: Path, target: Callable[..., None] | None = None
+) -> list[dict[str, Any] | None]:
+    """Run scenario ``name`` on ``world`` rank processes (``target``, a module-level function
+    taking ``(rank, world, port, name, ckpt, out)``; this module's ``rank_main`` by default);
+    each rank's result (``None`` for a rank that wrote none). Fails if the group is not done
+    within ``RANKS_LIMIT`` seconds."""
     out.mkdir()
-    # Rank processes fork from a server that has imported this module (torch included) once.
+    main = rank_main if target is None else target
+    # Rank processes fork from a server that has imported the target's module (torch included)
+    # once.
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload([main.__module__])
     port = free_port()
     processes = [
-        context.Process(target=rank_main, args=(r, world, port, name, str(ckpt), str(out)))
+        context.Process(target=main, args=(r, world, port, name, str(ckpt), str(out)))
         for r in range(world)
     ]
     deadline = time.monotonic() + RANKS_LIMIT

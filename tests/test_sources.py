@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import boto3
 import huggingface_hub.constants
 import pytest
 import safetensors.torch
 import torch
-from moto.server import ThreadedMotoServer
 
 import streamload
 from streamload.events import Event, LayerPlaced, PlanComputed
@@ -32,6 +30,7 @@ from tests.sources_support import (
     closed_port,
     encoder,
     files_under,
+    moto_s3,
     s3_env,
     sharded,
     single,
@@ -185,30 +184,17 @@ class Store:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     """A moto S3 server on 127.0.0.1 with a single-file, a sharded and an encoder checkpoint
     uploaded (checksums recorded), and one uploaded without checksums."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = s3_env(endpoint)
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_REGION"],
-    )
-    client.create_bucket(Bucket=BUCKET)
     root = tmp_path_factory.mktemp("s3")
     local = {
         "single": single(root / "single"),
         "sharded": sharded(root / "sharded"),
         "encoder": encoder(root / "encoder"),
     }
-    for prefix, directory in local.items():
-        upload(client, BUCKET, prefix, directory)
-    upload(client, BUCKET, "plain", local["single"], checksum=False)
-    yield Store(endpoint, client, local)
-    server.stop()
+    with moto_s3(BUCKET) as (endpoint, client):
+        for prefix, directory in local.items():
+            upload(client, BUCKET, prefix, directory)
+        upload(client, BUCKET, "plain", local["single"], checksum=False)
+        yield Store(endpoint, client, local)
 
 
 @pytest.fixture

@@ -11,11 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import torch
 import transformers
-from moto.server import ThreadedMotoServer
 
 import streamload
 from streamload.checkpoint import TensorEntry
@@ -53,7 +51,7 @@ from tests.engine_support import (
     reference,
     write_checkpoint,
 )
-from tests.sources_support import s3_env, upload
+from tests.sources_support import moto_s3, s3_env, upload
 from tests.test_distributed import gpu_rank
 
 LAYERS = 4
@@ -384,22 +382,9 @@ async def test_a_dim_0_split_reads_only_its_slice(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def bucket(ckpt: Path) -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = s3_env(endpoint)
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_REGION"],
-    )
-    client.create_bucket(Bucket=BUCKET)
-    upload(client, BUCKET, "llama", ckpt)
-    yield endpoint
-    server.stop()
+    with moto_s3(BUCKET) as (endpoint, client):
+        upload(client, BUCKET, "llama", ckpt)
+        yield endpoint
 
 
 @pytest.mark.anyio

@@ -12,7 +12,6 @@ import gc
 import json
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
 
 import streamload
@@ -30,7 +28,8 @@ from streamload.errors import StreamloadError
 from streamload.events import Event, LayerPlaced
 from streamload.testing import SimulatedGPU
 from tests.engine_support import llama_config, llama_tensors, params, reference, write_checkpoint
-from tests.test_distributed import PEER_TIMEOUT, RANKS_LIMIT, free_port, reaped, run_command
+from tests.test_distributed import PEER_TIMEOUT, RANKS_LIMIT, loaded, run_command
+from tests.test_distributed import run_ranks as distributed_ranks
 
 LAYERS = 4
 GiB = 2**30
@@ -138,22 +137,7 @@ def rank_main(rank: int, world: int, port: int, name: str, ckpt: str, out: str) 
 
 def run_ranks(world: int, name: str, ckpt: Path, out: Path) -> list[dict[str, Any]]:
     """Run scenario ``name`` on ``world`` rank processes; every rank's result."""
-    out.mkdir()
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    port = free_port()
-    processes = [
-        context.Process(target=rank_main, args=(r, world, port, name, str(ckpt), str(out)))
-        for r in range(world)
-    ]
-    deadline = time.monotonic() + RANKS_LIMIT
-    with reaped(processes):
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join(max(deadline - time.monotonic(), 0.1))
-        assert [] == [r for r, p in enumerate(processes) if p.is_alive()]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return loaded(distributed_ranks(world, name, ckpt, out, rank_main))
 
 
 def held(out: Path, rank: int) -> dict[str, torch.Tensor]:
