@@ -1,23 +1,27 @@
 """Object-store throughput and the cost of ``verify=True``, in one run.
 
-    python -m benchmarks.sources [--mib 256] [--rounds 5] [--json FILE]
+    python -m benchmarks.sources [--mib 1024] [--rounds 5] [--server moto] [--json FILE]
 
 S3: a moto S3 server on 127.0.0.1, started here in a process of its own (so the client's work
 and the server's do not share one interpreter lock), holds a Llama-shaped checkpoint in
-``--shards`` shards.
-Alternating, round after round:
+``--shards`` shards. Alternating, round after round, each in a fresh process (DESIGN §10),
+timed from the call with the libraries it uses already imported, as many in flight as
+streamload's CPU reader lanes (``reader_threads // 2``):
 
 - ``download``: a plain parallel download of the same objects into memory with obstore's
-  async API: ranged GETs of ``chunk_bytes`` each, as many in flight as streamload's CPU reader
-  lanes (``reader_threads // 2``), every range's bytes kept;
+  async API: one listing, then ranged GETs of ``CHUNK`` bytes, every range's bytes kept;
+- ``download-presigned``: the same ranges through presigned URLs over keep-alive
+  ``http.client`` connections, each received into a fresh buffer of its own: the transport
+  streamload uses for S3 tensor bytes, as a plain download;
 - ``streamload``: ``streamload.load("s3://...", LoadParams(devices=["cpu"]))``, the defaults.
 
 Verify: the same checkpoint laid out as a hub cache (blobs named by sha256) on local disk, warm
-(read once before), loaded onto the CPU with ``verify=False`` and ``verify=True`` alternately.
+(read once before), loaded onto the CPU with ``verify=False`` and ``verify=True`` alternately,
+each in a fresh process.
 
 Reported: medians of the per-round seconds and of the per-round ratios (throughput of
-streamload over the download's, from the call and from the plan on; time with verify over
-without). Both run in this one process, one after the other.
+streamload over each download's, from the call and from the plan on; time with verify over
+without).
 """
 
 from __future__ import annotations
@@ -33,16 +37,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import anyio
-import structlog
 import torch
 
-import streamload
 from streamload.testing import write_sharded
 
 CHUNK = 16 * 2**20
@@ -86,8 +88,7 @@ async def _download(url: str, names: list[str], lanes: int) -> int:
     # One listing gives every size (as a plain download of a prefix would get them).
     listing = await obstore.list_with_delimiter_async(store)
     sizes = {meta["path"]: meta["size"] for meta in listing["objects"]}
-    ranges = [(n, s, min(s + CHUNK, sizes[n])) for n in names for s in range(0, sizes[n], CHUNK)]
-    queue = list(reversed(ranges))
+    queue = list(reversed(_ranges(names, sizes)))
     kept: list[Any] = []
 
     async def lane() -> None:
@@ -99,9 +100,75 @@ async def _download(url: str, names: list[str], lanes: int) -> int:
     return sum(len(data) for data in kept)
 
 
-def _timed_load(source: str | Path, params: streamload.LoadParams) -> tuple[float, float]:
+def _download_presigned(url: str, names: list[str], lanes: int) -> int:
+    """The same ranges through presigned URLs, ``lanes`` threads each with one keep-alive
+    connection, each range received into a fresh buffer of its own (an anonymous mapping,
+    faulted in as the body lands, as obstore's buffers and streamload's tensors are:
+    ``bytearray`` would zero it first); returns bytes."""
+    import http.client
+    import mmap
+    import urllib.parse
+    from datetime import timedelta
+
+    import obstore
+    from obstore.store import from_url
+
+    store: Any = from_url(url, client_options={"allow_http": True})
+    listing = obstore.list_with_delimiter(store)
+    sizes = {meta["path"]: meta["size"] for meta in listing["objects"]}
+    signed = {
+        name: urllib.parse.urlsplit(obstore.sign(store, "GET", name, timedelta(minutes=30)))
+        for name in names
+    }
+    queue = list(reversed(_ranges(names, sizes)))
+    kept: list[mmap.mmap] = []
+
+    def lane() -> None:
+        connection: http.client.HTTPConnection | None = None
+        while queue:
+            try:
+                name, start, end = queue.pop()
+            except IndexError:
+                break
+            target = signed[name]
+            if connection is None:
+                connection = http.client.HTTPConnection(target.hostname or "", target.port)
+            connection.request(
+                "GET",
+                f"{target.path}?{target.query}",
+                headers={"Range": f"bytes={start}-{end - 1}"},
+            )
+            response = connection.getresponse()
+            buffer = mmap.mmap(-1, end - start)
+            view, at = memoryview(buffer), 0
+            while at < len(buffer):
+                got = response.readinto(view[at:])
+                if not got:
+                    raise OSError(f"{name}: the body ended at {at} of {len(buffer)} bytes")
+                at += got
+            kept.append(buffer)
+        if connection is not None:
+            connection.close()
+
+    threads = [threading.Thread(target=lane) for _ in range(lanes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(len(data) for data in kept)
+
+
+def _ranges(names: list[str], sizes: dict[str, int]) -> list[tuple[str, int, int]]:
+    return [(n, s, min(s + CHUNK, sizes[n])) for n in names for s in range(0, sizes[n], CHUNK)]
+
+
+def _timed_load(source: str, params: Any) -> dict[str, float]:
     """Seconds from the call to the loaded model, and from the plan (listing, headers, config
     and planning done) to the loaded model: the streaming alone."""
+    import anyio
+
+    import streamload
+
     planned = 0.0
 
     def on_event(event: streamload.events.Event) -> None:
@@ -112,8 +179,46 @@ def _timed_load(source: str | Path, params: streamload.LoadParams) -> tuple[floa
     started = time.perf_counter()
     model = anyio.run(lambda: streamload.load(source, params, on_event=on_event))
     ended = time.perf_counter()
+    nbytes = sum(t.numel() * t.element_size() for t in model.tensors.values())
     model.release()
-    return ended - started, ended - planned
+    return {"seconds": ended - started, "stream_seconds": ended - planned, "bytes": nbytes}
+
+
+def _one(method: str, source: str, objects: list[str], lanes: int) -> dict[str, float]:
+    """One method, once, in this (fresh) process: its libraries imported, then timed."""
+    import anyio  # noqa: F401  (imported before the clock starts, as a server has it)
+    import obstore  # noqa: F401
+
+    import streamload
+
+    structlog_quiet()
+    if method == "download":
+        started = time.perf_counter()
+        nbytes = asyncio.run(_download(source, objects, lanes))
+        return {"seconds": time.perf_counter() - started, "bytes": nbytes}
+    if method == "download-presigned":
+        started = time.perf_counter()
+        nbytes = _download_presigned(source, objects, lanes)
+        return {"seconds": time.perf_counter() - started, "bytes": nbytes}
+    verify = method == "streamload-verify"
+    return _timed_load(source, streamload.LoadParams(devices=["cpu"], verify=verify))
+
+
+def structlog_quiet() -> None:
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def _in_child(method: str, source: str, objects: list[str], lanes: int) -> dict[str, float]:
+    """``_one`` in a fresh interpreter (the environment passed on: endpoint, credentials)."""
+    command = [sys.executable, "-m", "benchmarks.sources", "--one", method, "--source", source]
+    command += ["--lanes", str(lanes), *(f"--object={name}" for name in objects)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{method} failed: {done.stderr.strip().splitlines()[-1:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _hub_cache(cache: Path, checkpoint: Path) -> Path:
@@ -137,25 +242,25 @@ def _median_ratio(top: list[float], bottom: list[float]) -> float:
 # The servers the S3 rounds run against: moto as shipped, and moto serving a ranged GET at the
 # cost of its range (``benchmarks.ranged_moto``) as object stores do.
 SERVERS = {"moto": "moto.server", "ranged_moto": "benchmarks.ranged_moto"}
+DOWNLOADS = ("download", "download-presigned")
 
 
 def run(mib: int, rounds: int, shards: int, servers: list[str]) -> dict[str, Any]:
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    params = streamload.LoadParams(devices=["cpu"])
-    lanes = params.reader_threads // 2
+    import streamload
+
+    lanes = streamload.LoadParams().reader_threads // 2
     results: dict[str, Any] = {"mib": mib, "shards": shards, "rounds": rounds}
     results["concurrency"] = lanes
     with tempfile.TemporaryDirectory() as tmp:
         local = _checkpoint(Path(tmp) / "ckpt", mib, shards)
         for server in servers:
-            results[f"s3_{server}"] = _s3_rounds(SERVERS[server], local, params, rounds)
-        snapshot = _hub_cache(Path(tmp) / "hub", local)
-        _timed_load(snapshot, params)  # warm the page cache
+            results[f"s3_{server}"] = _s3_rounds(SERVERS[server], local, rounds, lanes)
+        snapshot = str(_hub_cache(Path(tmp) / "hub", local))
+        _in_child("streamload", snapshot, [], lanes)  # warm the page cache
         plain, verified = [], []
         for _ in range(rounds):
-            plain.append(_timed_load(snapshot, params)[0])
-            checking = streamload.LoadParams(devices=["cpu"], verify=True)
-            verified.append(_timed_load(snapshot, checking)[0])
+            plain.append(_in_child("streamload", snapshot, [], lanes)["seconds"])
+            verified.append(_in_child("streamload-verify", snapshot, [], lanes)["seconds"])
         results["verify"] = {
             "plain_s": statistics.median(plain),
             "verify_s": statistics.median(verified),
@@ -164,11 +269,9 @@ def run(mib: int, rounds: int, shards: int, servers: list[str]) -> dict[str, Any
     return results
 
 
-def _s3_rounds(
-    module: str, local: Path, params: streamload.LoadParams, rounds: int
-) -> dict[str, Any]:
-    """Download and load, alternating, ``rounds`` times against a fresh server (``module``)
-    holding ``local``'s files under ``s3://bench/m``."""
+def _s3_rounds(module: str, local: Path, rounds: int, lanes: int) -> dict[str, Any]:
+    """The downloads and the load, alternating, ``rounds`` times, each in a fresh process,
+    against a fresh server (``module``) holding ``local``'s files under ``s3://bench/m``."""
     import boto3
 
     server, endpoint = _start_server(module)
@@ -178,7 +281,6 @@ def _s3_rounds(
         AWS_SECRET_ACCESS_KEY="bench",
         AWS_REGION="us-east-1",
     )
-    lanes = params.reader_threads // 2
     try:
         client = boto3.client("s3", endpoint_url=endpoint)
         client.create_bucket(Bucket="bench")
@@ -187,31 +289,34 @@ def _s3_rounds(
             client.put_object(Bucket="bench", Key=f"m/{name}", Body=(local / name).read_bytes())
         url = "s3://bench/m"
         objects = [n for n in names if n.endswith(".safetensors")]
-        download, load, stream = [], [], []
+        seconds: dict[str, list[float]] = {m: [] for m in (*DOWNLOADS, "streamload")}
+        stream: list[float] = []
+        nbytes: dict[str, int] = {}
         for _ in range(rounds):
-            started = time.perf_counter()
-            nbytes = asyncio.run(_download(url, objects, lanes))
-            download.append(time.perf_counter() - started)
-            whole, streaming = _timed_load(url, params)
-            load.append(whole)
-            stream.append(streaming)
+            for method in seconds:
+                got = _in_child(method, url, objects, lanes)
+                seconds[method].append(got["seconds"])
+                nbytes[method] = int(got["bytes"])
+                if "stream_seconds" in got:
+                    stream.append(got["stream_seconds"])
     finally:
         server.terminate()
         server.wait()
-    return {
-        "server": module,
-        "bytes": nbytes,
-        "download_s": statistics.median(download),
-        "streamload_s": statistics.median(load),
-        "streamload_stream_s": statistics.median(stream),
-        "download_gb_per_s": nbytes / statistics.median(download) / 1e9,
-        "streamload_gb_per_s": nbytes / statistics.median(load) / 1e9,
-        "streamload_over_download": _median_ratio(download, load),
-        "streaming_over_download": _median_ratio(download, stream),
-        "rounds_streamload_over_download": [
-            round(d / w, 3) for d, w in zip(download, load, strict=True)
-        ],
-    }
+    load = seconds["streamload"]
+    out: dict[str, Any] = {"server": module, "bytes": nbytes}
+    for method, times in seconds.items():
+        key = method.replace("-", "_")
+        out[f"{key}_s"] = statistics.median(times)
+        out[f"{key}_gb_per_s"] = nbytes[method] / statistics.median(times) / 1e9
+    out["streamload_stream_s"] = statistics.median(stream)
+    for method in DOWNLOADS:
+        key = method.replace("-", "_")
+        out[f"streamload_over_{key}"] = _median_ratio(seconds[method], load)
+        out[f"streaming_over_{key}"] = _median_ratio(seconds[method], stream)
+        out[f"rounds_streamload_over_{key}"] = [
+            round(d / w, 3) for d, w in zip(seconds[method], load, strict=True)
+        ]
+    return out
 
 
 def _start_server(module: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -235,14 +340,22 @@ def _start_server(module: str) -> tuple[subprocess.Popen[bytes], str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5)
     # moto reads a whole object for every ranged GET, so on big objects each request costs the
     # server the object's size: shards of ~16 MiB keep that artifact from deciding the result.
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--server", choices=sorted(SERVERS), action="append")
     parser.add_argument("--json", type=Path)
+    # One method once, in this process (how ``run`` starts each round's fresh process).
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--lanes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--object", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(_one(args.one, args.source, args.object, args.lanes)))
+        return
     results = run(args.mib, args.rounds, args.shards, args.server or list(SERVERS))
     text = json.dumps(results, indent=2)
     print(text)

@@ -121,31 +121,56 @@ class Faults:
     """What the proxy does to requests whose path ends with ``target``.
 
     ``drop_after``: forward that many body bytes of a ranged GET's response, then close the
-    connection (``drops`` times, ``-1``: always); ``deny``: answer every request 403;
-    ``deny_listing``: answer listings 403. ``seen``: every request, as (method, path, range).
+    connection (``drops`` times, ``-1``: always); ``status``: answer ranged GETs of the target
+    with that status and an S3 error body instead (``answers`` times, ``-1``: always);
+    ``deny``: answer every request 403; ``deny_listing``: answer listings 403. ``seen``: every
+    request, as (method, path, range); ``peers``: each request's path and the client's
+    (host, port) of the connection it came on; ``if_match``: the ``If-Match`` of each request
+    that had one.
     """
 
     target: str = ""
     drop_after: int = 0
     drops: int = 0
+    status: int = 0
+    answers: int = 0
     deny: bool = False
     deny_listing: bool = False
     dropped: int = 0
+    answered: int = 0
     seen: list[tuple[str, str, str]] = field(default_factory=list)
+    peers: list[tuple[str, tuple[str, int]]] = field(default_factory=list)
+    if_match: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _hit(self, path: str, ranged: bool) -> bool:
+        return bool(self.target) and path.split("?")[0].endswith(self.target) and ranged
 
     def should_drop(self, path: str, ranged: bool) -> bool:
         with self.lock:
-            hit = bool(self.target) and path.split("?")[0].endswith(self.target) and ranged
-            if hit and (self.drops < 0 or self.dropped < self.drops):
+            if self._hit(path, ranged) and (self.drops < 0 or self.dropped < self.drops):
                 self.dropped += 1
                 return True
             return False
+
+    def answer(self, path: str, ranged: bool) -> int:
+        """The status to answer this request with instead of forwarding it (0: forward)."""
+        with self.lock:
+            if not self.status or not self._hit(path, ranged):
+                return 0
+            if self.answers >= 0 and self.answered >= self.answers:
+                return 0
+            self.answered += 1
+            return self.status
 
 
 _DENIED = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
     b"<Message>Access Denied</Message></Error>"
+)
+_UNAVAILABLE = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
 )
 
 
@@ -169,13 +194,20 @@ def start_proxy(upstream: str, faults: Faults) -> tuple[str, Callable[[], None]]
         def _forward(self) -> None:
             with faults.lock:
                 faults.seen.append((self.command, self.path, self.headers.get("Range", "")))
+                faults.peers.append((self.path, self.client_address[:2]))
+                if "If-Match" in self.headers:
+                    faults.if_match.append(self.headers["If-Match"])
+            status = faults.answer(self.path, "Range" in self.headers)
             if faults.deny or (faults.deny_listing and "list-type=" in self.path):
-                self.send_response(403)
+                status = 403
+            if status:
+                body = _DENIED if status == 403 else _UNAVAILABLE
+                self.send_response(status)
                 self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(_DENIED)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(_DENIED)
+                    self.wfile.write(body)
                 return
             connection = http.client.HTTPConnection(host, int(port), timeout=30)
             headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}

@@ -22,7 +22,8 @@ import torch
 
 import streamload
 from streamload.events import Event, LayerPlaced, PlanComputed
-from streamload.sources._object import FIRST_READ
+from streamload.sources._object import FIRST_READ, RESUMES, _store
+from streamload.sources._signed import SignedRanges
 from streamload.testing import SimulatedGPU
 from tests.engine_support import assert_identical, params, reference
 from tests.sources_support import (
@@ -204,13 +205,23 @@ def s3(store: Store, monkeypatch: pytest.MonkeyPatch) -> Store:
     return store
 
 
+@pytest.fixture(params=["signed", "collected"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How tensor bytes are read: by presigned GETs into the destination (S3's way), or
+    collected by obstore and copied (the way for GCS, Azure and behind a proxy), forced here
+    through the rule that picks it."""
+    if request.param == "collected":
+        monkeypatch.setattr(SignedRanges, "for_store", lambda *args: None)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("prefix", ["single", "sharded", "encoder"])
 async def test_an_s3_prefix_loads_bit_identical_and_plans_as_the_local_copy(
-    s3: Store, prefix: str
+    s3: Store, prefix: str, transport: str
 ) -> None:
-    """Single file, sharded index and an encoder: the load from ``s3://`` equals safetensors'
-    load of the local files, onto a simulated GPU (staged) and the CPU; the plan is the local
-    plan; placements name the objects by URL."""
+    """Single file, sharded index and an encoder, either transport: the load from ``s3://``
+    equals safetensors' load of the local files, onto a simulated GPU (staged) and the CPU; the
+    plan is the local plan; placements name the objects by URL."""
     url = f"s3://{BUCKET}/{prefix}"
     local = s3.local[prefix]
     # A fixed host budget: the host's available memory moves between two readings.
@@ -316,7 +327,9 @@ async def test_a_header_takes_one_speculative_read_and_a_longer_one_a_second(
     faults = Faults()
     url, stop = start_proxy(s3.endpoint, faults)
     monkeypatch.setenv("AWS_ENDPOINT_URL", url)
-    p = params(["cpu"], cpu_memory_bytes=2**33)
+    p = params(
+        ["cpu"], cpu_memory_bytes=2**33, chunk_bytes=2**18, staging_bytes=2**20
+    )  # few requests: a slow proxy
     first = f"bytes=0-{FIRST_READ - 1}"
     try:
         cases = [("sharded", s3.local["sharded"]), ("long-header", long_header), ("small", small)]
@@ -382,7 +395,7 @@ def test_mmap_is_refused_for_objects(s3: Store) -> None:
 
 @pytest.mark.parametrize("drops", [2, -1])
 async def test_a_dropped_connection_is_resumed_then_reported(
-    s3: Store, monkeypatch: pytest.MonkeyPatch, drops: int
+    s3: Store, monkeypatch: pytest.MonkeyPatch, drops: int, transport: str
 ) -> None:
     """A server that drops ranged GETs of one object mid-body: two drops are resumed (the load
     is bit-identical); drops every time fail after bounded retries with a ``SourceError``
@@ -409,6 +422,163 @@ async def test_a_dropped_connection_is_resumed_then_reported(
         assert 0 == gpu.allocated_bytes
     finally:
         stop()
+
+
+def _signed(path: str) -> bool:
+    return "X-Amz-Signature=" in path
+
+
+async def test_tensor_bytes_come_by_presigned_gets_on_kept_connections(
+    s3: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On S3 every tensor byte is requested by a ranged GET of a presigned URL carrying the
+    ETag as ``If-Match`` (headers are read through obstore, signed in the header), and
+    connections are kept: far fewer than the requests, at most one per reader thread."""
+    faults = Faults()
+    url, stop = start_proxy(s3.endpoint, faults)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    p = params(["cpu"], chunk_bytes=2**14, cpu_memory_bytes=2**33)  # many requests
+    local = s3.local["sharded"]
+    try:
+        model = await streamload.load(f"s3://{BUCKET}/sharded", p)
+        assert_identical(model.tensors, reference(local), None)
+    finally:
+        stop()
+    signed = [(path, asked) for _, path, asked in faults.seen if _signed(path)]
+    headers = [asked for _, path, asked in faults.seen if asked and not _signed(path)]
+    assert [f"bytes=0-{FIRST_READ - 1}"] * 3 == headers
+    data = sum(f.stat().st_size - 8 for f in local.glob("*.safetensors"))
+    assert len(signed) > 20
+    asked = 0
+    for _, ranged in signed:
+        first, last = map(int, ranged.removeprefix("bytes=").split("-"))
+        asked += last - first + 1
+    assert model.read_bytes == asked
+    assert asked < data  # the headers are not read again
+    etags = {json.loads(obj["ETag"]) for obj in _objects(s3, "sharded")}
+    assert len(signed) + len(headers) - 3 <= len(faults.if_match)
+    assert {tag.strip('"') for tag in faults.if_match} <= etags
+    connections = {peer for path, peer in faults.peers if _signed(path)}
+    assert len(connections) <= p.reader_threads < len(signed)
+
+
+def _objects(s3: Store, prefix: str) -> list[dict[str, Any]]:
+    listing = s3.client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/")
+    return [obj for obj in listing["Contents"] if obj["Key"].endswith(".safetensors")]
+
+
+async def test_a_dropped_body_is_resumed_from_the_byte_it_reached(
+    s3: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A presigned GET whose connection drops after 1000 bytes of its body is asked again for
+    the rest only, from the byte the body reached; the load is bit-identical."""
+    target = "sharded/model-00002-of-00003.safetensors"
+    faults = Faults(target=target, drop_after=1000)
+    url, stop = start_proxy(s3.endpoint, faults)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+
+    def drop_once_planned(event: Event) -> None:
+        if isinstance(event, PlanComputed):
+            faults.drops = 1  # the header reads are done
+
+    try:
+        model = await streamload.load(
+            f"s3://{BUCKET}/sharded",
+            params(["cpu"], chunk_bytes=2**18, staging_bytes=2**20),
+            on_event=drop_once_planned,
+        )
+        assert_identical(model.tensors, reference(s3.local["sharded"]), None)
+    finally:
+        stop()
+    assert 1 == faults.dropped
+    ranges = [asked for _, path, asked in faults.seen if _signed(path) and target in path]
+    first, last = map(int, ranges[0].removeprefix("bytes=").split("-"))
+    assert f"bytes={first + 1000}-{last}" in ranges[1:]
+
+
+@pytest.mark.parametrize("status", [503, 500])
+async def test_a_busy_store_is_asked_again(
+    s3: Store, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """A store that answers a ranged GET 503 (SlowDown) or 500 a few times is asked again,
+    with backoff, and the load completes bit-identical."""
+    target = "sharded/model-00001-of-00003.safetensors"
+    faults = Faults(target=target, status=status)
+    url, stop = start_proxy(s3.endpoint, faults)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+
+    def answer_once_planned(event: Event) -> None:
+        if isinstance(event, PlanComputed):
+            faults.answers = RESUMES - 1
+
+    try:
+        model = await streamload.load(
+            f"s3://{BUCKET}/sharded",
+            params(["cpu"], chunk_bytes=2**18, staging_bytes=2**20),
+            on_event=answer_once_planned,
+        )
+        assert_identical(model.tensors, reference(s3.local["sharded"]), None)
+    finally:
+        stop()
+    assert RESUMES - 1 == faults.answered
+
+
+async def test_access_denied_to_tensor_bytes_names_the_object_and_releases_everything(
+    s3: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 403 to a presigned GET (a policy that allows the header reads but not this) is
+    asked once more through obstore, whose requests carry what store settings add (such as
+    requester-pays), and the load reads through obstore from then on; refused again, a range
+    is not retried: ``SourceError`` "access denied" naming the object, and the simulated GPU
+    holds nothing."""
+    target = "sharded/model-00003-of-00003.safetensors"
+    faults = Faults(target=target, status=403)
+    url, stop = start_proxy(s3.endpoint, faults)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    gpu = SimulatedGPU("sim:0", total_bytes=2**30)
+
+    def deny_once_planned(event: Event) -> None:
+        if isinstance(event, PlanComputed):
+            faults.answers = -1
+            faults.seen.clear()
+
+    try:
+        with pytest.raises(streamload.SourceError, match="access denied") as raised:
+            await streamload.load(
+                f"s3://{BUCKET}/sharded",
+                params([gpu, "cpu"], chunk_bytes=2**16, staging_bytes=2**18),
+                on_event=deny_once_planned,
+            )
+    finally:
+        stop()
+    assert f"s3://{BUCKET}/{target}" in str(raised.value)
+    asked = [(_signed(path), r) for _, path, r in faults.seen if target in path and r]
+    presigned = [r for signed, r in asked if signed]
+    by_obstore = [r for signed, r in asked if not signed]
+    assert presigned
+    assert by_obstore
+    assert len(by_obstore) == len(set(by_obstore))  # not retried
+    assert set(presigned) <= set(by_obstore)  # each refused presigned range asked once more
+    assert 0 == gpu.allocated_bytes
+
+
+def test_presigned_gets_are_used_for_s3_without_a_proxy_only(
+    s3: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule that picks the transport: presigned GETs for S3; obstore's GETs for GCS and
+    Azure (their signing is not exercised here) and where a proxy is configured for the
+    endpoint (``http.client`` does not speak to proxies), unless ``no_proxy`` exempts it."""
+    base = f"s3://{BUCKET}/sharded"
+    store = _store(base, {}, 30.0)
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert SignedRanges.for_store(base, store, 30.0) is not None
+    assert SignedRanges.for_store("gs://bucket/m", store, 30.0) is None
+    assert SignedRanges.for_store("az://container/m", store, 30.0) is None
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    assert SignedRanges.for_store(base, store, 30.0) is None
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    assert SignedRanges.for_store(base, store, 30.0) is not None
 
 
 async def test_an_object_overwritten_mid_load_is_an_error(s3: Store) -> None:

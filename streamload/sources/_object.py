@@ -11,15 +11,18 @@ runs them side by side):
   soon as the index names them; a longer header costs one more GET for the rest. That GET's
   response gives the object's size and ETag. Parsed and validated exactly like a local file's;
 - tensor bytes by ranged GETs of one chunk each (``LoadParams.chunk_bytes``, from the engine's
-  reader lanes and staged reads, so as many are in flight as for local files), each collected
-  by obstore outside the interpreter lock and copied once into the destination memory the
-  engine hands over: the staging slot or the CPU tensor. Nothing is written to disk. A host
+  reader lanes and staged reads, so as many are in flight as for local files), received
+  straight into the destination memory the engine hands over (the staging slot or the CPU
+  tensor). On S3 through presigned URLs (``_signed``: the body goes from the socket into the
+  destination, one copy); on GCS and Azure, or behind a proxy, collected by obstore outside
+  the interpreter lock and copied once into it. Nothing is written to disk. A host
   destination's pages are faulted in while the response is on its way.
 
 Every ranged GET of tensor bytes carries ``If-Match`` with the ETag the header read returned,
 so an object that is overwritten during the load fails its next read (``ObjectChangedError``)
-instead of mixing two versions. A read whose connection drops is retried by obstore, then
-requested again at most ``RANGE_RETRIES`` times, then fails naming the object and the offset.
+instead of mixing two versions. A read whose connection drops is requested again from the byte
+it reached, at most ``RESUMES`` times (obstore's GETs: obstore's own retries, then at most
+``RANGE_RETRIES`` more requests of the range), then fails naming the object and the offset.
 
 Credentials and endpoints come from the standard environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, and the
@@ -32,6 +35,7 @@ that refuses connections fails within it.
 from __future__ import annotations
 
 import base64
+import http.client
 import os
 import struct
 import time
@@ -65,10 +69,12 @@ from streamload.errors import (
     StreamloadError,
     location,
 )
+from streamload.sources._signed import SignedRanges, SignedStatus
 
 __all__ = [
     "FIRST_READ",
     "RANGE_RETRIES",
+    "RESUMES",
     "SCHEMES",
     "ObjectFiles",
     "ObjectStoreCheckpoint",
@@ -80,6 +86,9 @@ _T = TypeVar("_T")
 
 SCHEMES = ("s3://", "gs://", "az://")
 RANGE_RETRIES = 2  # further requests of the rest of a range after obstore gave up on one
+# Requests of the rest of a range a signed read makes after a failure (it has no other retries:
+# obstore's own are not in its path); with backoff, about 1.5 s of retrying in all.
+RESUMES = 5
 _HEADER_WORKERS = 16  # shards whose headers are fetched at once
 FIRST_READ = 1 << 16  # the first read of a shard: its prefix and, nearly always, its header
 _CONFIG_NAME = "config.json"
@@ -117,7 +126,8 @@ def open_url(
     given = None
     if base.endswith((".safetensors", ".index.json")):
         base, _, given = base.rpartition("/")
-    files = ObjectFiles(base, _store(base, storage_options, connect_timeout))
+    store = _store(base, storage_options, connect_timeout)
+    files = ObjectFiles(base, store, SignedRanges.for_store(base, store, connect_timeout))
     root = Path(base)
     with ThreadPoolExecutor(_HEADER_WORKERS) as pool:
         config = pool.submit(files.fetch, _CONFIG_NAME)
@@ -146,9 +156,10 @@ class ObjectFiles:
 
     local = False
 
-    def __init__(self, base: str, store: Any) -> None:
+    def __init__(self, base: str, store: Any, signed: SignedRanges | None = None) -> None:
         self._base = base
         self._store = store
+        self._signed = signed  # tensor bytes straight into the destination (S3)
         self._objects: dict[Path, _Object] = {}  # each shard, from its header read
         self._heads: dict[Path, bytes] = {}
         self.checksums: dict[Path, str | None] = {}
@@ -189,23 +200,38 @@ class ObjectFiles:
         tensor: str,
         prepare: Callable[[], None] | None = None,
     ) -> None:
-        """Fill ``views`` with the object's bytes from ``offset``: one ranged GET, collected by
-        obstore and copied once into them (``_retried``). ``prepare`` runs once, when the
-        request is first answered, while its body arrives (the engine faults in the
-        destination's pages there)."""
+        """Fill ``views`` with the object's bytes from ``offset``: one ranged GET, received
+        straight into them (``_read_signed``, S3) or collected by obstore and copied once into
+        them (``_read_collected``). ``prepare`` runs once, when the request is first answered, while
+        its body arrives (the engine faults in the destination's pages there)."""
         obj = self._object(path, CheckpointError)
         pending = [v for v in views if v.nbytes]
-        end = offset + sum(v.nbytes for v in pending)
         left = [prepare] if prepare is not None else []
 
         def once() -> None:
             while left:
                 left.pop()()
 
+        signed = self._signed
+        if signed and self._read_signed(signed, path, obj, pending, offset, tensor, once):
+            return
+        self._read_collected(path, obj, pending, offset, tensor, once)
+
+    def _read_collected(
+        self,
+        path: Path,
+        obj: _Object,
+        views: list[memoryview],
+        offset: int,
+        tensor: str,
+        prepare: Callable[[], None],
+    ) -> None:
+        """Fill ``views`` from one ranged GET collected by obstore (``_retried``)."""
+        end = offset + sum(v.nbytes for v in views)
         data = self._retried(
-            path, tensor, offset, end, lambda: self._get(path, obj, offset, end, once)
+            path, tensor, offset, end, lambda: self._get(path, obj, offset, end, prepare)
         )
-        _fill(pending, data)
+        _fill(views, data)
 
     def _retried(
         self, path: Path, what: str, start: int, end: int, attempt: Callable[[], _T]
@@ -219,6 +245,8 @@ class ObjectFiles:
         while True:
             try:
                 return attempt()
+            except (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError) as exc:
+                raise _request_error(location(path), exc) from exc  # asking again won't help
             except (exceptions.BaseError, OSError) as exc:  # incl. a short or long body
                 failures += 1
                 if failures > RANGE_RETRIES:
@@ -229,8 +257,65 @@ class ObjectFiles:
                     ) from exc
                 time.sleep(0.05 * 2**failures)
 
+    def _read_signed(
+        self,
+        signed: SignedRanges,
+        path: Path,
+        obj: _Object,
+        views: list[memoryview],
+        offset: int,
+        tensor: str,
+        prepare: Callable[[], None],
+    ) -> bool:
+        """``signed.read`` into ``views``; a failed connection or a store error is requested
+        again from the byte it stopped at, at most ``RESUMES`` times (with backoff), then a
+        ``SourceError`` naming the object and that byte. An answer that cannot change on
+        asking again fails at once: the object changed (412) or is gone (404), or another
+        client error (4xx). False when the store refused the presigned request (401, 403):
+        the caller reads through obstore instead, from then on."""
+        progress = [0]
+        failures = 0
+        while True:
+            try:
+                signed.read(obj.key, obj.etag, views, offset, progress, prepare)
+                return True
+            except SignedStatus as exc:
+                if exc.status == 412:
+                    raise ObjectChangedError(
+                        location(path),
+                        f"its ETag is no longer {obj.etag}: it changed while being read",
+                    ) from exc
+                if exc.status == 404:
+                    raise ObjectChangedError(
+                        location(path), "it was deleted while being read"
+                    ) from exc
+                if exc.status in (401, 403):
+                    # Refused: a request obstore makes may still be allowed (settings that add
+                    # headers to every request, such as requester-pays or customer keys).
+                    # obstore reads it, and the rest of the load, or fails as it would.
+                    self._signed = None
+                    signed.close()
+                    return False
+                if exc.status < 500 and exc.status != 429:
+                    raise SourceError(location(path), f"cannot read {tensor!r}: {exc}") from exc
+                error: Exception = exc
+            except (OSError, http.client.HTTPException) as exc:  # dropped, reset, timed out
+                error = exc
+            failures += 1
+            if failures > RESUMES:
+                at = offset + progress[0]
+                raise SourceError(
+                    location(path),
+                    f"reading {tensor!r} failed at byte {at} (range {offset}-"
+                    f"{offset + sum(v.nbytes for v in views)}) after {failures} attempts: "
+                    f"{_first_line(error) or type(error).__name__}",
+                ) from error
+            time.sleep(min(1.0, 0.05 * 2**failures))
+
     def close(self) -> None:
         self._heads.clear()
+        if self._signed is not None:
+            self._signed.close()
 
     def headers(
         self, pool: ThreadPoolExecutor, names: list[str], *, missing: type[CheckpointError]
@@ -339,11 +424,14 @@ class ObjectFiles:
         return options
 
     def _range(self, path: Path, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of a small range (the rest of a long header)."""
+        """Bytes ``[start, end)`` of a small range (the rest of a long header), by obstore:
+        planning opens no connection of its own that a plan would have to close."""
         buffer = bytearray(end - start)
         view = memoryview(buffer)
         try:
-            self.read(path, [view], start, "header")
+            self._read_collected(
+                path, self._object(path, CheckpointError), [view], start, "header", lambda: None
+            )
         finally:
             view.release()
         return bytes(buffer)
