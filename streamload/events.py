@@ -209,11 +209,14 @@ class MemoryReadingFallback:
 class DirectIOFallback:
     """``LoadParams.direct_io``: the filesystem holding ``file`` refused ``O_DIRECT``
     (``reason``: at open or at a read), so it and every other file of the load on that
-    filesystem are read through the page cache from now on. Reported once per filesystem."""
+    filesystem are read through the page cache from now on. Reported once per filesystem.
+    ``requested``: ``direct_io=True`` asked for direct reads (logged as a warning); under
+    ``"auto"``, the default, reading through the cache is only the other way it had (info)."""
 
     file: str
     reason: str
     path: str = ""
+    requested: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,10 +465,9 @@ def log_event(event: Event, log: Any = None) -> None:
         | Replanned
         | LayersMoved
         | MemoryReadingFallback
-        | DirectIOFallback
         | MaxSeqLenClamped
         | ExpertsReplicated,
-    )
+    ) or (isinstance(event, DirectIOFallback) and event.requested)
     if log is None and not structlog.is_configured():
         level = logging.WARNING if warning else logging.INFO
         _stdlib_log(level, event_name(event), event_fields(event))

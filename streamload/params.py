@@ -277,22 +277,26 @@ class LoadParams:
     compact memory to find huge pages; THP ``never`` turns them off whatever this says.
 
     ``direct_io`` decides whether local checkpoint files are read with ``O_DIRECT``, bypassing the
-    page cache: ``False`` (default) never, ``True`` always, ``"auto"`` for each layer or
-    non-mapped part whose bytes are mostly (more than half, sampled) *not* in the page cache when
-    the load reaches it (the same probe as ``huge_pages="auto"``), so bytes already cached are
-    copied from the cache instead of read from the disk again. Direct reads are 4 KiB aligned in
-    file offset, length and buffer address: a staged chunk is read as the aligned span around it
-    into its (aligned) staging slot and copied out from the chunk's first byte; a CPU unit's
-    tensors are laid out co-aligned with their file offsets modulo 4 KiB, so a chunk's aligned
-    middle is read straight into them and only its partial first and last 4 KiB blocks go
-    through a small aligned bounce buffer (other destinations are read as the aligned span into
-    a bounce buffer and copied out). Exactly the tensor's bytes are placed either way. A
-    filesystem that refuses ``O_DIRECT`` (``EINVAL`` at open or at a read) has its files read
-    through the page cache instead, reported once as a ``DirectIOFallback`` event (a warning in
-    the log). Objects (``s3://`` and the like) are never read with it. The read-ahead
-    advice a load gives the kernel is left out for units read this way (it would read them
-    into the cache a second time). ``benchmarks/results/measurements.md`` has the cold figures
-    that keep it off by default.
+    page cache: ``False`` never, ``True`` always, ``"auto"`` (default) for each layer or
+    non-mapped part bound for a staged device (a CUDA GPU or a staged simulated one, read
+    through the staging ring) whose bytes are mostly (more than half, sampled) *not* in the
+    page cache when the load reaches it (the same probe as ``huge_pages="auto"``), so bytes
+    already cached are copied from the cache instead of read from the disk again. Under
+    ``"auto"`` units bound for host memory are read through the page cache: cold, direct reads
+    into fresh CPU tensors were slower than buffered ones, where into the staging ring they
+    were faster (``benchmarks/results/measurements.md`` has both). Direct reads are 4 KiB
+    aligned in file offset, length and buffer address: a staged chunk is read as the aligned
+    span around it into its (aligned) staging slot and copied out from the chunk's first byte;
+    a CPU unit's tensors are laid out co-aligned with their file offsets modulo 4 KiB, so a
+    chunk's aligned middle is read straight into them and only its partial first and last
+    4 KiB blocks go through a small aligned bounce buffer (other destinations are read as the
+    aligned span into a bounce buffer and copied out). Exactly the tensor's bytes are placed
+    either way. A filesystem that refuses ``O_DIRECT`` (``EINVAL`` at open or at a read) has its
+    files read through the page cache instead, reported once as a ``DirectIOFallback`` event (a
+    warning in the log when ``True`` asked for direct reads, an info line under ``"auto"``).
+    Objects (``s3://`` and the like) are never read with it. The read-ahead advice a load gives
+    the kernel is left out for units read this way (it would read them into the cache a second
+    time).
 
     ``empty_cache_on_failure``: when a load fails or is cancelled, the device memory it freed is
     returned from torch's caching allocator (and its pinned staging ring from torch's pinned-host
@@ -325,7 +329,7 @@ class LoadParams:
     reader_threads: int = 8
     max_replans: int = 8
     huge_pages: bool | Literal["auto"] = False
-    direct_io: bool | Literal["auto"] = False
+    direct_io: bool | Literal["auto"] = "auto"
     empty_cache_on_failure: bool = True
     max_memory: Mapping[str, int | str] | None = None
     revision: str = "main"

@@ -181,16 +181,15 @@ def _warm(directory: Path) -> None:
         path.read_bytes()
 
 
-@pytest.mark.parametrize("kind", ["cpu", "sim-staged"])
-async def test_auto_reads_cold_files_direct_and_cached_ones_through_the_cache(
-    ckpt: Path, kind: str, reads: Reads
+async def test_auto_reads_cold_staged_units_direct_and_cached_ones_through_the_cache(
+    ckpt: Path, reads: Reads
 ) -> None:
-    """``direct_io="auto"``: files evicted from the page cache are read with O_DIRECT (most of
-    them: reading the headers brings the kernel's read-ahead of the first bytes into the cache,
-    and units found there are copied from it); the same files once cached are copied from the
-    cache (no O_DIRECT read)."""
+    """``direct_io="auto"``, bound for a staged device: files evicted from the page cache are
+    read with O_DIRECT (most of them: reading the headers brings the kernel's read-ahead of the
+    first bytes into the cache, and units found there are copied from it); the same files once
+    cached are copied from the cache (no O_DIRECT read)."""
     _evict(ckpt)
-    model = await streamload.load(ckpt, params([_device(kind)], direct_io="auto"))
+    model = await streamload.load(ckpt, params([_device("sim-staged")], direct_io="auto"))
     assert_identical(model.tensors, reference(ckpt), None)
     stored = model.report.stored_bytes
     model.release()
@@ -200,19 +199,70 @@ async def test_auto_reads_cold_files_direct_and_cached_ones_through_the_cache(
 
     reads.calls.clear()
     _warm(ckpt)
-    model = await streamload.load(ckpt, params([_device(kind)], direct_io="auto"))
+    model = await streamload.load(ckpt, params([_device("sim-staged")], direct_io="auto"))
     assert_identical(model.tensors, reference(ckpt), None)
     assert [] == reads.direct()
     assert reads.buffered()
     model.release()
 
 
+@pytest.mark.parametrize("kind", ["cpu", "sim-unstaged"])
+async def test_auto_reads_host_destinations_through_the_cache_even_cold(
+    ckpt: Path, kind: str, reads: Reads
+) -> None:
+    """``direct_io="auto"`` reads units bound for host memory (the CPU, an unstaged device)
+    through the page cache, cold or warm: direct reads into fresh host tensors measured slower
+    cold. ``True`` still reads them direct."""
+    _evict(ckpt)
+    model = await streamload.load(ckpt, params([_device(kind)], direct_io="auto"))
+    assert_identical(model.tensors, reference(ckpt), None)
+    assert [] == reads.direct()
+    assert reads.buffered()
+    model.release()
+    _evict(ckpt)
+    model = await streamload.load(ckpt, params([_device(kind)], direct_io=True))
+    assert reads.direct()
+    model.release()
+
+
+def test_auto_is_the_default() -> None:
+    assert "auto" == streamload.LoadParams().direct_io
+
+
 @pytest.mark.parametrize("kind", ["cpu", "sim-staged"])
-async def test_default_reads_through_the_page_cache(ckpt: Path, kind: str, reads: Reads) -> None:
-    """``direct_io`` is off by default: no O_DIRECT read."""
+async def test_warm_files_are_read_through_the_page_cache_by_default(
+    ckpt: Path, kind: str, reads: Reads
+) -> None:
+    """By default (``"auto"``) files in the page cache are copied from it: no O_DIRECT read."""
+    _warm(ckpt)
     model = await streamload.load(ckpt, params([_device(kind)]))
     assert_identical(model.tensors, reference(ckpt), None)
     assert [] == reads.direct()
+    model.release()
+
+
+@pytest.mark.parametrize(("direct_io", "level"), [(True, "warning"), ("auto", "info")])
+async def test_a_refused_o_direct_is_a_warning_only_when_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_io: bool | str, level: str
+) -> None:
+    """The fallback is a warning in the log when ``direct_io=True`` asked for direct reads,
+    and an info line under ``"auto"`` (the default), where the page cache is simply the other
+    way to read; ``DirectIOFallback.requested`` says which."""
+    import structlog.testing
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", llama_tensors(LAYERS), llama_config(LAYERS))
+    _evict(ckpt)
+    monkeypatch.setattr(_direct, "open_direct", _refusing_open([]))
+    events: list[Event] = []
+    with structlog.testing.capture_logs() as logs:
+        model = await streamload.load(
+            ckpt, params([_device("sim-staged")], direct_io=direct_io), on_event=events.append
+        )
+    assert_identical(model.tensors, reference(ckpt), None)
+    (fallback,) = [e for e in events if isinstance(e, DirectIOFallback)]
+    assert (direct_io is True) == fallback.requested
+    (line,) = [entry for entry in logs if entry["event"] == "direct_io_fallback"]
+    assert level == line["log_level"]
     model.release()
 
 

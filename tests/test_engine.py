@@ -147,14 +147,31 @@ def test_staging_ring_slots(budget_slots: int, threads: int, cpus: int, expected
     assert expected == _reader.ring_slots(p, cpus)
 
 
+def test_staging_ring_slots_with_room_for_direct_reads_stay_in_the_budget() -> None:
+    """Slots with room for O_DIRECT spans (two 4 KiB blocks more each) count against the
+    budget at that size: 16 chunks of 4 KiB hold 5 such slots."""
+    chunk = 4096
+    p = params([], chunk_bytes=chunk, staging_bytes=16 * chunk, reader_threads=8)
+    assert 3 * chunk == _reader.slot_bytes(chunk, direct=True)
+    assert 5 == _reader.ring_slots(p, 64, direct=True)
+    assert 8 == _reader.ring_slots(p, 64, direct=False)
+
+
 async def test_staging_ring_is_sized_to_the_cpus_within_the_budget(ckpt: Path) -> None:
-    """The report names the ring's size: CPUs + 1 slots of ``chunk_bytes``, inside the staging
-    budget; a load with no staged device has no ring."""
-    p = params([sized_gpu("sim:0", ckpt, 10, primary=True)], staging_bytes=64 * 4096)
-    async with await streamload.load(ckpt, p) as model:
-        slots = _reader.ring_slots(p, _reader.usable_cpus())
-        assert slots * p.chunk_bytes == model.report.staging_bytes
-        assert model.report.staging_bytes <= p.staging_bytes
+    """The report names the ring's size: CPUs + 1 slots of ``chunk_bytes`` (two 4 KiB blocks
+    more each where units may be read with O_DIRECT: ``direct_io`` not ``False``), inside the
+    staging budget; a load with no staged device has no ring."""
+    for direct_io, extra in ((False, 0), ("auto", 2 * 4096), (True, 2 * 4096)):
+        p = params(
+            [sized_gpu("sim:0", ckpt, 10, primary=True)],
+            staging_bytes=64 * 4096,
+            direct_io=direct_io,
+        )
+        async with await streamload.load(ckpt, p) as model:
+            slots = _reader.ring_slots(p, _reader.usable_cpus(), direct_io is not False)
+            assert min(_reader.usable_cpus() + 1, p.reader_threads) == slots
+            assert slots * (p.chunk_bytes + extra) == model.report.staging_bytes
+            assert model.report.staging_bytes <= p.staging_bytes
     async with await streamload.load(ckpt, params(["cpu"])) as model:
         assert 0 == model.report.staging_bytes
 

@@ -128,7 +128,8 @@ class DirectReads:
     its size against its header) and read there when its filesystem refuses ``O_DIRECT``; the
     read methods return ``False``/``None`` then, and the caller reads buffered. ``opener`` and
     ``preadv`` are the seams to the system (by default ``open_direct`` and ``os.preadv``, looked
-    up at each call).
+    up at each call). ``requested``: ``direct_io=True`` asked for direct reads (the refusals'
+    ``DirectIOFallback.requested``).
     """
 
     def __init__(
@@ -137,8 +138,10 @@ class DirectReads:
         *,
         opener: Opener | None = None,
         preadv: Preadv | None = None,
+        requested: bool = True,
     ) -> None:
         self._files = files
+        self._requested = requested
         self._open = opener
         self._preadv = preadv
         self._lock = threading.Lock()
@@ -239,7 +242,7 @@ class DirectReads:
         Their descriptors stay open until ``close``: other readers may be using them now."""
         device = self._devices.get(path)
         if device is None or device not in self._refused:
-            self._notices.append(DirectIOFallback(str(path), reason))
+            self._notices.append(DirectIOFallback(str(path), reason, requested=self._requested))
         if device is not None:
             self._refused.add(device)
         for other, fd in list(self._fds.items()):

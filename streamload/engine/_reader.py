@@ -57,6 +57,7 @@ __all__ = [
     "host_view",
     "read_into",
     "ring_slots",
+    "slot_bytes",
     "start_workers",
     "usable_cpus",
 ]
@@ -321,17 +322,26 @@ def usable_cpus() -> int:
     return max(1, os.cpu_count() or 1)  # pragma: no cover - platforms without affinity
 
 
-def ring_slots(params: LoadParams, cpus: int) -> int:
-    """How many ``chunk_bytes`` slots the staging ring gets.
+def slot_bytes(chunk_bytes: int, direct: bool) -> int:
+    """A staging slot's size: ``chunk_bytes``, and for ``O_DIRECT`` reads room for the 4 KiB
+    aligned span around any chunk from the slot's first aligned byte (two 4 KiB blocks more:
+    one for the span, one for the buffer's start)."""
+    return align_up(chunk_bytes) + 2 * DIRECT_ALIGN if direct else chunk_bytes
+
+
+def ring_slots(params: LoadParams, cpus: int, direct: bool = False) -> int:
+    """How many slots the staging ring gets (``slot_bytes`` each; ``direct``: with room for
+    ``O_DIRECT`` reads).
 
     A staged read is a copy by the CPU (page cache to the slot) and, on a simulated GPU,
     another (slot to device memory). Slots beyond what the CPUs can keep busy only add host
     memory that has to be faulted in and falls out of cache; one slot fewer than that leaves
     the disk idle on a cold load (the CHANGELOG has the measurements). So: the usable CPUs + 1,
-    at most ``staging_bytes // chunk_bytes`` (the budget), at most ``reader_threads`` (no more
+    at most as many as the budget holds (``staging_bytes``), at most ``reader_threads`` (no more
     reads run at once), and at least 2 (one slot fills while the other's copy runs).
     """
-    return max(2, min(params.staging_bytes // params.chunk_bytes, params.reader_threads, cpus + 1))
+    budget = params.staging_bytes // slot_bytes(params.chunk_bytes, direct)
+    return max(2, min(budget, params.reader_threads, cpus + 1))
 
 
 class StagingRing:
@@ -348,11 +358,12 @@ class StagingRing:
         self._available = anyio.Semaphore(len(slots))
 
     @staticmethod
-    def make_slots(device: Device, count: int, slot_bytes: int, direct: bool = False) -> list[Slot]:
-        """``count`` host buffers from ``device`` (pinned on CUDA; blocking). ``direct``: each
-        with room for the 4 KiB-aligned span around any chunk of ``slot_bytes`` from its first
-        aligned byte (two 4 KiB blocks more: one for the span, one for the buffer's start)."""
-        size = align_up(slot_bytes) + 2 * DIRECT_ALIGN if direct else slot_bytes
+    def make_slots(
+        device: Device, count: int, chunk_bytes: int, direct: bool = False
+    ) -> list[Slot]:
+        """``count`` host buffers from ``device`` (pinned on CUDA; blocking), each of
+        ``slot_bytes(chunk_bytes, direct)``."""
+        size = slot_bytes(chunk_bytes, direct)
         slots = []
         for _ in range(count):
             buffer = device.host_buffer(size)
@@ -489,7 +500,7 @@ class Reader:
         self.files: SourceFiles = self._counted
         # O_DIRECT reads of local files (``LoadParams.direct_io``); ``direct``: given by a test.
         if direct is None and params.direct_io is not False and self.files.local:
-            direct = DirectReads(self.files)
+            direct = DirectReads(self.files, requested=params.direct_io is True)
         self.direct = direct
         self._feed = feed
         self._params = params
@@ -606,8 +617,8 @@ class Reader:
         async with self._ring_lock:
             if self._ring is None:
                 params = self._params
-                count = ring_slots(params, usable_cpus())
                 direct = self.direct is not None
+                count = ring_slots(params, usable_cpus(), direct)
                 slots = await anyio.to_thread.run_sync(
                     StagingRing.make_slots, device, count, params.chunk_bytes, direct
                 )
