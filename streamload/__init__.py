@@ -7,6 +7,7 @@ only), ``streamload.events`` for what a load reports, and ``streamload.testing``
 GPUs and checkpoint writers.
 """
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from streamload import events
@@ -83,9 +84,16 @@ __all__ = [
 ]
 
 
+# The engine imports torch: it is imported when ``load`` or ``LoadedModel`` is first named, so
+# that ``import streamload`` for ``plan`` and ``inspect`` never imports torch. Where torch is
+# imported already (an inference server imports it first), importing the engine now costs no
+# torch import, and its own import (tens of milliseconds of Python) is not left to the first
+# ``await load(...)``, where it would hold up the event loop it runs on.
+if "torch" in sys.modules:
+    from streamload import engine as _engine  # noqa: F401
+
+
 def __getattr__(name: str) -> Any:
-    # The engine imports torch: it is imported when ``load`` or ``LoadedModel`` is first named,
-    # so that ``import streamload`` for ``plan`` and ``inspect`` never imports torch.
     if name in ("LoadedModel", "load"):
         from streamload import engine
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,38 @@ def three_way_params() -> streamload.LoadParams:
         ],
         cpu_memory_bytes=256 * GiB,
     )
+
+
+_IMPORTED = """
+import json, sys
+{first}
+import streamload
+print(json.dumps({{m: m in sys.modules for m in ("torch", "streamload.engine")}}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "expected"),
+    [
+        ("", {"torch": False, "streamload.engine": False}),
+        ("import torch", {"torch": True, "streamload.engine": True}),
+    ],
+    ids=["alone", "after-torch"],
+)
+def test_the_engine_is_imported_with_streamload_only_where_torch_already_is(
+    first: str, expected: dict[str, bool]
+) -> None:
+    """``import streamload`` alone imports no torch (nor the engine, which needs it); after
+    ``import torch`` it imports the engine too, so the first ``load`` does not import it on the
+    event loop (a fresh interpreter each)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTED.format(first=first)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=True,
+    )
+    assert expected == json.loads(done.stdout)
 
 
 def test_70b_over_two_48gib_gpus_and_the_cpu_splits_three_ways(llama_70b: Path) -> None:

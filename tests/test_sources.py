@@ -570,15 +570,19 @@ def test_presigned_gets_are_used_for_s3_without_a_proxy_only(
     endpoint (``http.client`` does not speak to proxies), unless ``no_proxy`` exempts it."""
     base = f"s3://{BUCKET}/sharded"
     store = _store(base, {}, 30.0)
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name.upper(), raising=False)
         monkeypatch.delenv(name, raising=False)
     assert SignedRanges.for_store(base, store, 30.0) is not None
     assert SignedRanges.for_store("gs://bucket/m", store, 30.0) is None
     assert SignedRanges.for_store("az://container/m", store, 30.0) is None
-    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
-    assert SignedRanges.for_store(base, store, 30.0) is None
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    assert SignedRanges.for_store(base, store, 30.0) is not None
+    for variable in ("http_proxy", "all_proxy"):
+        monkeypatch.setenv(variable, "http://proxy.invalid:3128")
+        assert SignedRanges.for_store(base, store, 30.0) is None
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        assert SignedRanges.for_store(base, store, 30.0) is not None
+        monkeypatch.delenv(variable)
+        monkeypatch.delenv("no_proxy")
 
 
 async def test_an_object_overwritten_mid_load_is_an_error(s3: Store) -> None:

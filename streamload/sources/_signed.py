@@ -74,8 +74,9 @@ class SignedRanges:
         except Exception:
             return None
         host = url.hostname or ""
-        proxies = urllib.request.getproxies()
-        if url.scheme in proxies and not urllib.request.proxy_bypass(host):
+        proxies = urllib.request.getproxies()  # *_proxy from the environment, as obstore's
+        proxied = url.scheme in proxies or "all" in proxies
+        if proxied and not urllib.request.proxy_bypass(host):
             return None
         return ranges
 
