@@ -467,6 +467,31 @@ def _objects(s3: Store, prefix: str) -> list[dict[str, Any]]:
     return [obj for obj in listing["Contents"] if obj["Key"].endswith(".safetensors")]
 
 
+async def _load_faulted_once_planned(
+    s3: Store, monkeypatch: pytest.MonkeyPatch, faults: Faults, **armed: int
+) -> None:
+    """Load the sharded prefix to the CPU through a proxy applying ``faults``, with the
+    ``armed`` fault fields set once the plan is computed (the header reads are done, so only
+    tensor reads meet the faults); the load is bit-identical."""
+    url, stop = start_proxy(s3.endpoint, faults)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+
+    def arm(event: Event) -> None:
+        if isinstance(event, PlanComputed):
+            for name, value in armed.items():
+                setattr(faults, name, value)
+
+    try:
+        model = await streamload.load(
+            f"s3://{BUCKET}/sharded",
+            params(["cpu"], chunk_bytes=2**18, staging_bytes=2**20),
+            on_event=arm,
+        )
+        assert_identical(model.tensors, reference(s3.local["sharded"]), None)
+    finally:
+        stop()
+
+
 async def test_a_dropped_body_is_resumed_from_the_byte_it_reached(
     s3: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -474,22 +499,7 @@ async def test_a_dropped_body_is_resumed_from_the_byte_it_reached(
     the rest only, from the byte the body reached; the load is bit-identical."""
     target = "sharded/model-00002-of-00003.safetensors"
     faults = Faults(target=target, drop_after=1000)
-    url, stop = start_proxy(s3.endpoint, faults)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
-
-    def drop_once_planned(event: Event) -> None:
-        if isinstance(event, PlanComputed):
-            faults.drops = 1  # the header reads are done
-
-    try:
-        model = await streamload.load(
-            f"s3://{BUCKET}/sharded",
-            params(["cpu"], chunk_bytes=2**18, staging_bytes=2**20),
-            on_event=drop_once_planned,
-        )
-        assert_identical(model.tensors, reference(s3.local["sharded"]), None)
-    finally:
-        stop()
+    await _load_faulted_once_planned(s3, monkeypatch, faults, drops=1)
     assert 1 == faults.dropped
     ranges = [asked for _, path, asked in faults.seen if _signed(path) and target in path]
     first, last = map(int, ranges[0].removeprefix("bytes=").split("-"))
@@ -504,22 +514,7 @@ async def test_a_busy_store_is_asked_again(
     with backoff, and the load completes bit-identical."""
     target = "sharded/model-00001-of-00003.safetensors"
     faults = Faults(target=target, status=status)
-    url, stop = start_proxy(s3.endpoint, faults)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
-
-    def answer_once_planned(event: Event) -> None:
-        if isinstance(event, PlanComputed):
-            faults.answers = RESUMES - 1
-
-    try:
-        model = await streamload.load(
-            f"s3://{BUCKET}/sharded",
-            params(["cpu"], chunk_bytes=2**18, staging_bytes=2**20),
-            on_event=answer_once_planned,
-        )
-        assert_identical(model.tensors, reference(s3.local["sharded"]), None)
-    finally:
-        stop()
+    await _load_faulted_once_planned(s3, monkeypatch, faults, answers=RESUMES - 1)
     assert RESUMES - 1 == faults.answered
 
 
