@@ -108,8 +108,9 @@ class SignedRanges:
             if response.status != http.client.PARTIAL_CONTENT:
                 text = response.read(4096).decode("utf-8", "replace")
                 raise SignedStatus(response.status, _code(text))
-            if response.length != start + total - first:
-                raise OSError(f"the response holds {response.length} bytes, not {total}")
+            asked = start + total - first
+            if response.length != asked:
+                raise OSError(f"the response holds {response.length} bytes, not {asked}")
             prepare()
             _receive(response, views, progress)
             done = response.isclosed() and not response.will_close
