@@ -86,8 +86,8 @@ _T = TypeVar("_T")
 
 SCHEMES = ("s3://", "gs://", "az://")
 RANGE_RETRIES = 2  # further requests of the rest of a range after obstore gave up on one
-# Requests of the rest of a range a signed read makes after a failure (it has no other retries:
-# obstore's own are not in its path); with backoff, about 1.5 s of retrying in all.
+# Requests of the rest of a range a presigned read makes after a failure (it has no other
+# retries: obstore's own are not in its path); with backoff, about 3 s of retrying in all.
 RESUMES = 5
 _HEADER_WORKERS = 16  # shards whose headers are fetched at once
 FIRST_READ = 1 << 16  # the first read of a shard: its prefix and, nearly always, its header
@@ -234,11 +234,21 @@ class ObjectFiles:
         _fill(views, data)
 
     def _retried(
-        self, path: Path, what: str, start: int, end: int, attempt: Callable[[], _T]
+        self,
+        path: Path,
+        what: str,
+        start: int,
+        end: int,
+        attempt: Callable[[], _T],
+        *,
+        limit: int = RANGE_RETRIES,
+        reached: Callable[[], int] | None = None,
     ) -> _T:
-        """``attempt()``, made again after a failed request or a short body (obstore has
-        retried the request already) up to ``RANGE_RETRIES`` times, then a ``SourceError``
-        naming the object and the offset. A range is requested whole again: it is one chunk."""
+        """``attempt()``, made again with backoff after a failed request, a dropped connection
+        or a short body, at most ``limit`` times, then a ``SourceError`` naming the object and
+        the byte the range had ``reached`` (its start when not given). An access denial fails
+        at once: asking again won't help. An obstore GET has retried itself already, and is
+        requested whole again (it is one chunk); a presigned one resumes (``_read_signed``)."""
         from obstore import exceptions
 
         failures = 0
@@ -246,13 +256,14 @@ class ObjectFiles:
             try:
                 return attempt()
             except (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError) as exc:
-                raise _request_error(location(path), exc) from exc  # asking again won't help
-            except (exceptions.BaseError, OSError) as exc:  # incl. a short or long body
+                raise _request_error(location(path), exc) from exc
+            except (exceptions.BaseError, OSError, http.client.HTTPException) as exc:
                 failures += 1
-                if failures > RANGE_RETRIES:
+                if failures > limit:
+                    at = start if reached is None else reached()
                     raise SourceError(
                         location(path),
-                        f"reading {what!r} failed at byte {start} (range {start}-{end}) after "
+                        f"reading {what!r} failed at byte {at} (range {start}-{end}) after "
                         f"{failures} attempts: {_first_line(exc)}",
                     ) from exc
                 time.sleep(0.05 * 2**failures)
@@ -267,28 +278,17 @@ class ObjectFiles:
         tensor: str,
         prepare: Callable[[], None],
     ) -> bool:
-        """``signed.read`` into ``views``; a failed connection or a store error is requested
-        again from the byte it stopped at, at most ``RESUMES`` times (with backoff), then a
-        ``SourceError`` naming the object and that byte. An answer that cannot change on
-        asking again fails at once: the object changed (412) or is gone (404), or another
-        client error (4xx). False when the store refused the presigned request (401, 403):
-        the caller reads through obstore instead, from then on."""
+        """``signed.read`` into ``views`` (``_retried``, ``RESUMES`` times, each request asking
+        for the rest from the byte the body reached). A 5xx or 429 is asked again; an answer
+        that cannot change on asking again fails at once: the object changed (412) or is gone
+        (404), another client error (4xx). False when the store refused the presigned request
+        (401, 403): the caller reads through obstore instead, from then on."""
         progress = [0]
-        failures = 0
-        while True:
+
+        def attempt() -> bool:
             try:
                 signed.read(obj.key, obj.etag, views, offset, progress, prepare)
-                return True
             except SignedStatus as exc:
-                if exc.status == 412:
-                    raise ObjectChangedError(
-                        location(path),
-                        f"its ETag is no longer {obj.etag}: it changed while being read",
-                    ) from exc
-                if exc.status == 404:
-                    raise ObjectChangedError(
-                        location(path), "it was deleted while being read"
-                    ) from exc
                 if exc.status in (401, 403):
                     # Refused: a request obstore makes may still be allowed (settings that add
                     # headers to every request, such as requester-pays or customer keys).
@@ -296,21 +296,19 @@ class ObjectFiles:
                     self._signed = None
                     signed.close()
                     return False
+                if exc.status == 412:
+                    raise _changed(path, obj) from exc
+                if exc.status == 404:
+                    raise _deleted(path) from exc
                 if exc.status < 500 and exc.status != 429:
                     raise SourceError(location(path), f"cannot read {tensor!r}: {exc}") from exc
-                error: Exception = exc
-            except (OSError, http.client.HTTPException) as exc:  # dropped, reset, timed out
-                error = exc
-            failures += 1
-            if failures > RESUMES:
-                at = offset + progress[0]
-                raise SourceError(
-                    location(path),
-                    f"reading {tensor!r} failed at byte {at} (range {offset}-"
-                    f"{offset + sum(v.nbytes for v in views)}) after {failures} attempts: "
-                    f"{_first_line(error) or type(error).__name__}",
-                ) from error
-            time.sleep(min(1.0, 0.05 * 2**failures))
+                raise OSError(str(exc)) from exc  # the store is busy: ask again
+            return True
+
+        end = offset + sum(v.nbytes for v in views)
+        return self._retried(
+            path, tensor, offset, end, attempt, limit=RESUMES, reached=lambda: offset + progress[0]
+        )
 
     def close(self) -> None:
         self._heads.clear()
@@ -402,11 +400,9 @@ class ObjectFiles:
             prepare()
             data = result.bytes()
         except exceptions.PreconditionError as exc:
-            raise ObjectChangedError(
-                location(path), f"its ETag is no longer {obj.etag}: it changed while being read"
-            ) from exc
+            raise _changed(path, obj) from exc
         except FileNotFoundError as exc:  # obstore's "not found"
-            raise ObjectChangedError(location(path), "it was deleted while being read") from exc
+            raise _deleted(path) from exc
         if len(data) != end - start:
             raise OSError(f"the response held {len(data)} bytes, not {end - start}")
         return data
@@ -435,6 +431,17 @@ class ObjectFiles:
         finally:
             view.release()
         return bytes(buffer)
+
+
+def _changed(path: Path, obj: _Object) -> ObjectChangedError:
+    """A ranged GET's ``If-Match`` failed: the object was overwritten since its header read."""
+    return ObjectChangedError(
+        location(path), f"its ETag is no longer {obj.etag}: it changed while being read"
+    )
+
+
+def _deleted(path: Path) -> ObjectChangedError:
+    return ObjectChangedError(location(path), "it was deleted while being read")
 
 
 def _fill(views: list[memoryview], data: Any) -> None:
