@@ -61,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--primed-methods", default=",".join(PRIMED_METHODS))
     p.add_argument("--no-plan-time", action="store_true", help="skip the plan-time benchmark")
     p.add_argument("--timeout", type=float, default=load_throughput.DEFAULT_TIMEOUT)
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=load_throughput.SETTLE,
+        help="seconds each load waits after its imports, before the timed call",
+    )
     p.add_argument("--results", type=Path, default=RESULTS)
     return p
 
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             cold=mode == "cold",
             timeout=args.timeout,
             prime=primed,
+            settle=args.settle,
         )
         (results / f"load_{mode}.json").write_text(json.dumps(result, indent=2))
         load[mode] = result["methods"]
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": {"before": before, "after": machine.load_average()},
         "checkpoint": checkpoint_facts(args.dir),
         "rounds": args.rounds,
+        "settle_s": args.settle,
         "load": load,
         "plan_time": plan,
     }

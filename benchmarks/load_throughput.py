@@ -17,7 +17,13 @@ gives it back, just before the load (``procfs.prime``). Why it matters: on a vir
 guest reports free pages to the host, a page untouched for a while costs a host fault on first
 touch, several times the cost of zeroing it, and first touch of fresh pages is most of a warm
 load's cost, so unprimed runs move with what ran before them and how long ago (2x apart on the
-shared 2-core machine these figures come from) and need several alternating rounds.
+shared 2-core machine these figures come from) and need several alternating rounds. Each
+throughput run therefore waits ``--settle`` seconds (default ``SETTLE``) after its imports and
+before the timed call: a guest reports pages freed for 2 s or so, so without the wait a method
+met memory the previous run had just freed and the host still backed, more of it the sooner
+its imports were done (a method with fewer imports was timed on cheaper memory); after the
+wait every method meets memory the machine has reclaimed, as a server starting on a machine
+that has been up a while does.
 
 Per run: ``seconds`` of the load call (after the libraries are imported; for streamload from
 the call of ``anyio.run``, the event loop's start included), ``gb_per_s``
@@ -62,6 +68,7 @@ from benchmarks.methods import CHUNK, METHODS, shard_files
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("safetensors", "disk", "materialise", "runai-buffered")
 DEFAULT_TIMEOUT = 900.0
+SETTLE = 3.0  # seconds each throughput run waits after its imports (see above)
 PRIME_EXTRA = 2**30
 
 # (hidden, intermediate, heads, kv heads, vocab): the 3 GB default keeps Llama-3.2-1B-like
@@ -162,15 +169,17 @@ def warm(directory: Path) -> None:
 
 
 def run_one(
-    name: str, directory: Path, prime_bytes: int = 0, stall: bool = False
+    name: str, directory: Path, prime_bytes: int = 0, stall: bool = False, settle: float = 0.0
 ) -> dict[str, Any]:
     """Run method ``name`` once in this process and measure it (see the module docstring);
-    with ``stall``, its heartbeat run (``Method.stall``) instead."""
+    with ``stall``, its heartbeat run (``Method.stall``) instead; ``settle``: seconds to wait
+    after the imports."""
     method = METHODS[name]
     run = method.stall if stall and method.stall is not None else method.run
     # Import what the method needs first, so the baseline includes the libraries.
     for module in ("torch", *method.imports):
         importlib.import_module(module)
+    time.sleep(settle)
     procfs.prime(prime_bytes)
     procfs.reset_peak_rss()
     base_rss = procfs.rss_bytes()
@@ -212,10 +221,12 @@ def run_one(
     return result
 
 
-def child(name: str, directory: Path, prime_bytes: int = 0, stall: bool = False) -> dict[str, Any]:
+def child(
+    name: str, directory: Path, prime_bytes: int = 0, stall: bool = False, settle: float = 0.0
+) -> dict[str, Any]:
     """``run_one``, with a failure reported as ``{"error": reason}`` (paths left out)."""
     try:
-        return run_one(name, directory, prime_bytes, stall)
+        return run_one(name, directory, prime_bytes, stall, settle)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         for path in {str(directory.resolve()), str(directory)}:
@@ -228,13 +239,18 @@ def child(name: str, directory: Path, prime_bytes: int = 0, stall: bool = False)
 
 
 def spawn(
-    name: str, directory: Path, timeout: float, prime_bytes: int = 0, stall: bool = False
+    name: str,
+    directory: Path,
+    timeout: float,
+    prime_bytes: int = 0,
+    stall: bool = False,
+    settle: float = 0.0,
 ) -> dict[str, Any]:
     """Run one method in a fresh process; a crash or a timeout is an error, not an exception."""
     env = dict(os.environ, **dict(METHODS[name].env)) if name in METHODS else dict(os.environ)
     command = [sys.executable, "-m", "benchmarks.load_throughput", "--child", name]
     command += ["--dir", str(directory.resolve())]
-    command += ["--prime-bytes", str(prime_bytes)]
+    command += ["--prime-bytes", str(prime_bytes), "--settle", str(settle)]
     command += ["--stall"] if stall else []
     try:
         out = subprocess.run(
@@ -264,10 +280,12 @@ def measure(
     cold: bool,
     timeout: float = DEFAULT_TIMEOUT,
     prime: bool = False,
+    settle: float = SETTLE,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Every method once per round, in alternating order; the raw per-run results. A method
-    with a heartbeat run (``Method.stall``) has it right after its load, under the same
-    conditions; its worst loop gap joins that round's result (``stall_error`` if it failed)."""
+    """Every method once per round, in alternating order; the raw per-run results, each
+    throughput run after ``settle`` seconds idle. A method with a heartbeat run
+    (``Method.stall``) has it right after its load, under the same conditions but the wait;
+    its worst loop gap joins that round's result (``stall_error`` if it failed)."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     prime_bytes = 2 * checkpoint_bytes(directory) + PRIME_EXTRA if prime else 0
 
@@ -276,7 +294,7 @@ def measure(
             evict(directory)
         else:
             warm(directory)
-        return spawn(name, directory, timeout, prime_bytes, stall)
+        return spawn(name, directory, timeout, prime_bytes, stall, 0.0 if stall else settle)
 
     for r in range(rounds):
         order = methods if r % 2 == 0 else list(reversed(methods))
@@ -342,13 +360,15 @@ def benchmark(
     cold: bool,
     timeout: float = DEFAULT_TIMEOUT,
     prime: bool = False,
+    settle: float = SETTLE,
 ) -> dict[str, Any]:
     """Measure and summarise; the result as written to JSON."""
-    runs = measure(directory, methods, rounds, cold, timeout, prime)
+    runs = measure(directory, methods, rounds, cold, timeout, prime, settle)
     return {
         "cold": cold,
         "rounds": rounds,
         "primed": prime,
+        "settle_s": settle,
         "checkpoint_bytes": checkpoint_bytes(directory),
         "methods": summarise(runs),
         "runs": runs,
@@ -378,6 +398,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="prime memory before each load: a labelled extra, never the headline (see above)",
     )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE,
+        help="seconds each run waits after its imports, before the timed call (see above)",
+    )
     p.add_argument("--prime-bytes", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path)
     p.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
@@ -389,7 +415,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.dir, args.prime_bytes, args.stall)))
+        print(json.dumps(child(args.child, args.dir, args.prime_bytes, args.stall, args.settle)))
         return 0
     if args.write_only:
         ensure_checkpoint(args.dir, args.size_gb)
@@ -399,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods: {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    result = benchmark(args.dir, methods, args.rounds, args.cold, args.timeout, args.prime)
+    result = benchmark(
+        args.dir, methods, args.rounds, args.cold, args.timeout, args.prime, args.settle
+    )
     print(json.dumps(result["methods"], indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

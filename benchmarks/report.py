@@ -263,6 +263,13 @@ def markdown(summary: dict[str, Any]) -> str:
         "machine leaves it, timed from the call (streamload's from `anyio.run`, the event "
         "loop's start included), default `LoadParams` but for the one field a row names. "
         + (
+            f"Each run waits {summary['settle_s']:g} s after its imports before the call, so "
+            "it meets memory the machine has taken back from the run before, whatever its "
+            "imports cost (the guest reports freed pages to its host after about 2 s). "
+            if summary.get("settle_s")
+            else ""
+        )
+        + (
             "The primed columns, an extra and not the headline, are warm runs of a few methods "
             "whose process first faults in and frees twice the checkpoint's size + 1 GiB, so "
             "the load meets memory the host has just backed. "

@@ -168,12 +168,19 @@ def test_a_round_takes_the_stall_from_its_heartbeat_run_or_reports_why_not(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     calls: list[tuple[str, bool]] = []
+    settled: list[float] = []
     ok: dict[str, Any] = {"gb_per_s": 2.0, "seconds": 1.0, "mapped_bytes": 0}
 
     def fake_spawn(
-        name: str, directory: Path, timeout: float, prime_bytes: int = 0, stall: bool = False
+        name: str,
+        directory: Path,
+        timeout: float,
+        prime_bytes: int = 0,
+        stall: bool = False,
+        settle: float = 0.0,
     ) -> dict[str, Any]:
         calls.append((name, stall))
+        settled.append(settle)
         if stall and len(calls) > 3:
             return {"error": "exit status 1: boom"}
         return {**ok, "worst_loop_gap_ms": 7.0, "worst_loop_gap_at_s": 0.5} if stall else {**ok}
@@ -182,7 +189,9 @@ def test_a_round_takes_the_stall_from_its_heartbeat_run_or_reports_why_not(
     monkeypatch.setattr(load_throughput, "warm", lambda directory: None)
     monkeypatch.setattr(load_throughput, "checkpoint_bytes", lambda directory: 0)
 
-    runs = load_throughput.measure(tmp_path, ["disk", "streamload-cpu"], rounds=2, cold=False)
+    runs = load_throughput.measure(
+        tmp_path, ["disk", "streamload-cpu"], rounds=2, cold=False, settle=2.5
+    )
 
     # disk has no heartbeat run; streamload-cpu's follows its load, in each round's order.
     assert [
@@ -193,6 +202,8 @@ def test_a_round_takes_the_stall_from_its_heartbeat_run_or_reports_why_not(
         ("streamload-cpu", True),
         ("disk", False),
     ] == calls
+    # Every throughput run waits before its timed call; the heartbeat runs do not.
+    assert [0.0 if stall else 2.5 for _, stall in calls] == settled
     first, second = runs["streamload-cpu"]
     assert 7.0 == first["worst_loop_gap_ms"]
     assert "stall_error" not in first
