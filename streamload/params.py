@@ -278,13 +278,13 @@ class LoadParams:
 
     ``direct_io`` decides whether local checkpoint files are read with ``O_DIRECT``, bypassing the
     page cache: ``False`` never, ``True`` always, ``"auto"`` (default) for each layer or
-    non-mapped part bound for a staged device (a CUDA GPU or a staged simulated one, read
-    through the staging ring) whose bytes are mostly (more than half, sampled) *not* in the
-    page cache when the load reaches it (the same probe as ``huge_pages="auto"``), so bytes
-    already cached are copied from the cache instead of read from the disk again. Under
-    ``"auto"`` units bound for host memory are read through the page cache: cold, direct reads
-    into fresh CPU tensors were slower than buffered ones, where into the staging ring they
-    were faster (``benchmarks/results/measurements.md`` has both). Direct reads are 4 KiB
+    non-mapped part whose bytes are mostly (more than half, sampled) *not* in the page cache
+    when the load reaches it (the same probe as ``huge_pages="auto"``), whatever its device, so
+    bytes already cached are copied from the cache and bytes the disk must read skip it: the
+    cache's pages would be fresh memory to fault in beside the destination's (on a VM, host
+    faults each), and into the staging ring a direct read is one aligned read into a reused
+    slot (``benchmarks/results/measurements.md`` has both). Units ``cpu_policy="mmap"`` maps
+    are left to the page cache under ``"auto"``. Direct reads are 4 KiB
     aligned in file offset, length and buffer address: a staged chunk is read as the aligned
     span around it into its (aligned) staging slot and copied out from the chunk's first byte;
     a CPU unit's tensors are laid out co-aligned with their file offsets modulo 4 KiB, so a

@@ -207,21 +207,38 @@ async def test_auto_reads_cold_staged_units_direct_and_cached_ones_through_the_c
 
 
 @pytest.mark.parametrize("kind", ["cpu", "sim-unstaged"])
-async def test_auto_reads_host_destinations_through_the_cache_even_cold(
+async def test_auto_reads_cold_host_destinations_direct_and_cached_ones_through_the_cache(
     ckpt: Path, kind: str, reads: Reads
 ) -> None:
     """``direct_io="auto"`` reads units bound for host memory (the CPU, an unstaged device)
-    through the page cache, cold or warm: direct reads into fresh host tensors measured slower
-    cold. ``True`` still reads them direct."""
+    with O_DIRECT when their files are evicted (the page cache's pages would be fresh memory
+    beside the tensors'), and copies them from the cache once cached."""
     _evict(ckpt)
+    model = await streamload.load(ckpt, params([_device(kind)], direct_io="auto"))
+    assert_identical(model.tensors, reference(ckpt), None)
+    stored = model.report.stored_bytes
+    model.release()
+    assert sum(n for _, bufs in reads.direct() for _, n in bufs) > stored // 2
+    _assert_aligned(reads)
+
+    reads.calls.clear()
+    _warm(ckpt)
     model = await streamload.load(ckpt, params([_device(kind)], direct_io="auto"))
     assert_identical(model.tensors, reference(ckpt), None)
     assert [] == reads.direct()
     assert reads.buffered()
     model.release()
+
+
+async def test_auto_leaves_mapped_cpu_units_to_the_page_cache(ckpt: Path, reads: Reads) -> None:
+    """``cpu_policy="mmap"`` maps the checkpoint: under ``"auto"`` nothing is read with
+    O_DIRECT even cold (the maps' pages come through the page cache)."""
     _evict(ckpt)
-    model = await streamload.load(ckpt, params([_device(kind)], direct_io=True))
-    assert reads.direct()
+    model = await streamload.load(
+        ckpt, params([_device("cpu")], direct_io="auto", cpu_policy="mmap")
+    )
+    assert_identical(model.tensors, reference(ckpt), None)
+    assert [] == reads.direct()
     model.release()
 
 

@@ -650,14 +650,14 @@ async def test_cpu_reads_run_in_lanes_that_go_on_across_units(
     read_lane = _reader.Reader._read_lane
     lanes_run = 0
 
-    def slow(files: Any, chunk: Any) -> None:
+    def slow(files: Any, chunk: Any, *rest: Any) -> None:
         nonlocal running, most, reads
         with lock:
             running += 1
             reads += 1
             most = max(most, running)
         time.sleep(0.002)
-        read_direct(files, chunk)
+        read_direct(files, chunk, *rest)  # cold: with O_DIRECT (direct_io="auto")
         with lock:
             running -= 1
 

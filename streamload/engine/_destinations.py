@@ -74,13 +74,13 @@ def layout(device: Device, params: LoadParams, warm: Callable[[], bool]) -> Layo
     """The layout of a unit bound for ``device``. Huge pages only where memory is host memory
     and the host has them; under ``huge_pages="auto"`` only for a unit ``warm()`` (mostly in
     the page cache, so the copy is not waiting for the disk while pages are compacted).
-    ``O_DIRECT`` reads (``LoadParams.direct_io``) always, or under ``"auto"`` for a unit bound
-    for a staged device that is not ``warm()`` (bytes in the page cache are copied from it, not
-    read again; host destinations are read through the cache, where direct reads were slower
-    cold, ``benchmarks/results/measurements.md``)."""
-    direct = params.direct_io is True or (
-        params.direct_io == "auto" and device.staged and not warm()
-    )
+    ``O_DIRECT`` reads (``LoadParams.direct_io``) always, or under ``"auto"`` for a unit that
+    is not ``warm()``, whatever its device: bytes in the page cache are copied from it, not
+    read again; bytes the disk must read skip the cache, whose pages would be fresh memory to
+    fault in beside the destination's (``benchmarks/results/measurements.md``); not for a
+    unit ``cpu_policy="mmap"`` maps, whose pages the read-ahead advice brings in."""
+    mapped = not device.is_gpu and not device.staged and params.cpu_policy == "mmap"
+    direct = params.direct_io is True or (params.direct_io == "auto" and not mapped and not warm())
     cold = not device.staged and not warm()
     huge = (
         params.huge_pages is not False
@@ -90,7 +90,7 @@ def layout(device: Device, params: LoadParams, warm: Callable[[], bool]) -> Layo
     )
     return Layout(
         block=device.host_memory and not device.is_gpu,
-        mmap=not device.is_gpu and not device.staged and params.cpu_policy == "mmap",
+        mmap=mapped,
         huge_pages=huge,
         direct_io=direct,
         cold=cold,
