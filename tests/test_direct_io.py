@@ -19,7 +19,9 @@ import safetensors.torch
 import torch
 
 import streamload
+from streamload.devices import resolve_devices
 from streamload.engine import _direct
+from streamload.engine._destinations import layout
 from streamload.engine._direct import DIRECT_ALIGN, DirectReads
 from streamload.engine._reader import Files, host_view
 from streamload.engine._units import Chunk, Piece
@@ -228,6 +230,18 @@ async def test_auto_reads_cold_host_destinations_direct_and_cached_ones_through_
     assert [] == reads.direct()
     assert reads.buffered()
     model.release()
+
+
+@pytest.mark.parametrize("kind", ["cpu", "sim-staged"])
+def test_auto_gives_objects_no_direct_layout(kind: str) -> None:
+    """An object (``s3://`` and the like; the page cache answers ``None`` for it) is never
+    opened with O_DIRECT: under ``"auto"`` its units keep the buffered layout; a local cold
+    unit gets the direct one, a cached one not."""
+    device = resolve_devices([_device(kind)])[0]
+    auto = streamload.LoadParams(devices=[_device(kind)])
+    assert not layout(device, auto, lambda: None).direct_io
+    assert layout(device, auto, lambda: False).direct_io
+    assert not layout(device, auto, lambda: True).direct_io
 
 
 async def test_auto_leaves_mapped_cpu_units_to_the_page_cache(ckpt: Path, reads: Reads) -> None:

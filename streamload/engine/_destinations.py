@@ -70,7 +70,7 @@ class Layout:
     cold: bool = False
 
 
-def layout(device: Device, params: LoadParams, warm: Callable[[], bool]) -> Layout:
+def layout(device: Device, params: LoadParams, warm: Callable[[], bool | None]) -> Layout:
     """The layout of a unit bound for ``device``. Huge pages only where memory is host memory
     and the host has them; under ``huge_pages="auto"`` only for a unit ``warm()`` (mostly in
     the page cache, so the copy is not waiting for the disk while pages are compacted).
@@ -78,15 +78,18 @@ def layout(device: Device, params: LoadParams, warm: Callable[[], bool]) -> Layo
     is not ``warm()``, whatever its device: bytes in the page cache are copied from it, not
     read again; bytes the disk must read skip the cache, whose pages would be fresh memory to
     fault in beside the destination's (``benchmarks/results/measurements.md``); not for a
-    unit ``cpu_policy="mmap"`` maps, whose pages the read-ahead advice brings in."""
+    unit ``cpu_policy="mmap"`` maps, whose pages the read-ahead advice brings in, nor for an
+    object (``warm()`` is ``None``: no page cache and no file to open with ``O_DIRECT``)."""
     mapped = not device.is_gpu and not device.staged and params.cpu_policy == "mmap"
-    direct = params.direct_io is True or (params.direct_io == "auto" and not mapped and not warm())
+    direct = params.direct_io is True or (
+        params.direct_io == "auto" and not mapped and warm() is False
+    )
     cold = not device.staged and not warm()
     huge = (
         params.huge_pages is not False
         and device.host_memory
         and _hostmem.huge_pages_available()
-        and (params.huge_pages is True or warm())
+        and (params.huge_pages is True or warm() is True)
     )
     return Layout(
         block=device.host_memory and not device.is_gpu,

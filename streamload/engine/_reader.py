@@ -679,17 +679,18 @@ async def start_workers(count: int) -> None:
 
 class PageCache:
     """Whether each unit was mostly in the page cache when first asked, before the load's own
-    read-ahead of it (``_hostmem.cached_fraction`` samples it; unknown counts as cold)."""
+    read-ahead of it (``_hostmem.cached_fraction`` samples it; unknown counts as cold); for
+    objects, ``None``: there is no page cache to find them in."""
 
     def __init__(self, files: SourceFiles) -> None:
         self._files = files
         self._warm: dict[int, bool] = {}  # by unit identity: units live as long as the load
 
-    def warm(self, unit: Unit) -> bool:
+    def warm(self, unit: Unit) -> bool | None:
         """Blocking (reads the page cache's state); the first answer for a unit is kept."""
+        if not self._files.local:
+            return None
         warm = self._warm.get(id(unit))
-        if warm is None and not self._files.local:
-            warm = self._warm[id(unit)] = False  # objects: no page cache to find them in
         if warm is None:
             ranges = [(self._files.fd(path), start, end - start) for path, start, end in runs(unit)]
             fraction = _hostmem.cached_fraction(ranges)
