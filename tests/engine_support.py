@@ -157,15 +157,24 @@ def sized_gpu(name: str, directory: Path, layers_held: float, *, primary: bool) 
     return SimulatedGPU(name, total_bytes=int(base + layers_held * layer))
 
 
-def three_way(directory: Path) -> list[Any]:
+# Seconds each copy to a simulated GPU takes where a test acts on ``LayerPlaced(L)`` and
+# expects unit L + 1 already allocated: only unit L + 2 waits for L's placement, so whether
+# L + 1's recheck and allocation come before L's placement is the scheduler's choice; slow
+# copies make L's placement land after them on any machine.
+SLOW_COPY = 0.005
+
+
+def three_way(directory: Path, copy_delay: float = 0.0) -> list[Any]:
     """Two simulated GPUs sized for about 2.5 layers each of the 6-layer checkpoint at
     ``directory`` (the first with the non-mapped parts: it takes layers 0-1, the second 2-3),
-    then the CPU (the rest)."""
-    return [
+    then the CPU (the rest); ``copy_delay``: each GPU's (``SLOW_COPY``)."""
+    gpus = [
         sized_gpu("sim:0", directory, 2.5, primary=True),
         sized_gpu("sim:1", directory, 2.5, primary=False),
-        "cpu",
     ]
+    for gpu in gpus:
+        gpu.copy_delay = copy_delay
+    return [*gpus, "cpu"]
 
 
 def open_fds_under(directory: Path) -> list[str]:

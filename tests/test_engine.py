@@ -31,6 +31,7 @@ from streamload.events import (
 from streamload.testing import SimulatedGPU
 from tests.conftest import BlockingIOGuard
 from tests.engine_support import (
+    SLOW_COPY,
     assert_identical,
     llama_config,
     llama_tensors,
@@ -176,6 +177,42 @@ async def test_staging_ring_is_sized_to_the_cpus_within_the_budget(ckpt: Path) -
         assert 0 == model.report.staging_bytes
 
 
+async def test_a_staged_unit_is_read_by_one_lane_per_slot(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staged unit of many chunks is read by at most one lane per ring slot, each one
+    worker-thread call that reads chunk after chunk of that unit through the one slot it
+    holds (one event-loop round trip per lane, not per chunk), and the bytes are exact."""
+    lanes: list[tuple[int, int]] = []  # (unit, slot) per lane
+    reads: list[tuple[int, int, int]] = []  # (lane, slot, thread) per chunk
+    current = threading.local()
+    real_stage, real_read = _reader.Reader._stage_chunks, _reader.read_staged
+
+    def stage(self: Any, flight: Any, slot: Any, work: Any) -> None:
+        current.lane = len(lanes)
+        lanes.append((id(flight.unit), slot.buffer.data_ptr()))
+        real_stage(self, flight, slot, work)
+
+    def read(files: Any, device: Any, chunk: Any, slot: Any, *rest: Any) -> Any:
+        reads.append((current.lane, slot.buffer.data_ptr(), threading.get_ident()))
+        return real_read(files, device, chunk, slot, *rest)
+
+    monkeypatch.setattr(_reader.Reader, "_stage_chunks", stage)
+    monkeypatch.setattr(_reader, "read_staged", read)
+    p = params([SimulatedGPU("sim:0", total_bytes=2**30)])
+    slots = _reader.ring_slots(p, _reader.usable_cpus())
+    async with await streamload.load(ckpt, p) as model:
+        assert_identical(model.tensors, reference(ckpt), None)
+    per_unit: dict[int, int] = {}
+    for flight, _ in lanes:
+        per_unit[flight] = per_unit.get(flight, 0) + 1
+    assert max(per_unit.values()) <= slots
+    assert len(reads) > len(per_unit) * slots >= len(lanes)
+    for lane, slot, thread in reads:
+        assert lanes[lane][1] == slot
+        assert {t for ln, _, t in reads if ln == lane} == {thread}
+
+
 def _file_offsets(directory: Path) -> dict[str, int]:
     """Each tensor's first byte's offset in its shard, from the safetensors headers."""
     offsets = {}
@@ -250,7 +287,7 @@ async def test_under_delivery_after_each_layer_replans_and_stays_exact(
     """A tenant grabbing the second GPU after layer ``after`` is placed: layers not yet
     allocated move to the CPU, placed ones stay, the bytes are exact, and the re-plan is in the
     report and the log."""
-    devices = three_way(ckpt)
+    devices = three_way(ckpt, SLOW_COPY)  # layer after + 1 is allocated before the steal
     gpu1 = devices[1]
     first = streamload.plan(ckpt, params(devices))
     planned = first.layer_devices

@@ -139,10 +139,12 @@ def _three_way(ckpt: Path) -> list[Any]:
     ]
 
 
-# Seconds each copy to a simulated GPU takes in the steal scenarios. A tenant's steal on
-# ``LayerPlaced(L)`` races the next unit's recheck, which the engine may run before or after
-# it (only unit L + 2 waits for L's placement); slow copies make layer L's placement land
-# after unit L + 1's recheck on any machine, so the file pins one order, not the scheduler's.
+# Seconds each copy to a simulated GPU takes in the steal and allocation-failure scenarios. A
+# tenant's steal on ``LayerPlaced(L)`` races the next unit's recheck, and a failed allocation's
+# ``Replanned`` the placement of the unit before it, which the engine may run in either order
+# (only unit L + 2 waits for L's placement); slow copies make layer L's placement land after
+# unit L + 1's recheck and allocation on any machine, so the file pins one order, not the
+# scheduler's.
 _STEAL_COPY_DELAY = 0.005
 
 
@@ -232,8 +234,8 @@ SCENARIOS: dict[str, Scenario] = {
         f"steal_after_layer_{i}": Scenario(_three_way_slow_copies, hook=_steal_after(i))
         for i in range(LAYERS)
     },
-    "fail_first_allocation": Scenario(_three_way, hook=_fail_on_second_gpu(0)),
-    "fail_mid_unit_allocation": Scenario(_three_way, hook=_fail_on_second_gpu(5)),
+    "fail_first_allocation": Scenario(_three_way_slow_copies, hook=_fail_on_second_gpu(0)),
+    "fail_mid_unit_allocation": Scenario(_three_way_slow_copies, hook=_fail_on_second_gpu(5)),
     "paged_attention_fallback": Scenario(
         _gpu_then_cpu, {"paged_attention": streamload.PagedAttention(block_size=4)}
     ),

@@ -14,6 +14,7 @@ import streamload
 from streamload.events import Event, LayerPlaced, LayersMoved, Replanned
 from streamload.testing import SimulatedGPU
 from tests.engine_support import (
+    SLOW_COPY,
     assert_identical,
     llama_config,
     llama_tensors,
@@ -113,7 +114,7 @@ async def test_a_move_whose_allocation_fails_moves_on_further(ckpt: Path) -> Non
     """The first allocation of a move fails (``fail_allocations`` on its target): the spill is
     planned again with that device holding less, the layer goes further on, and the load still
     completes bit-identical."""
-    devices = three_way(ckpt)
+    devices = three_way(ckpt, SLOW_COPY)  # layer 2's allocation comes before the failing one
     gpu0, gpu1 = devices[0], devices[1]
     events: list[Event] = []
 

@@ -71,8 +71,8 @@ class InFlight:
     pending: int = 0  # chunks queued for the reader lanes and not yet read (unstaged devices)
     allocated: float = 0.0  # when the allocation returned
     filled: float = 0.0  # when the last read (and copy submission) finished
-    # Each chunk's read and copy times, appended on the event loop (staged) or by a reader
-    # lane under the read queue's lock (direct reads).
+    # Each chunk's read and copy times (and, staged, its copy's fence in ``fences``), appended
+    # by a reader lane under its unit's lock (staged) or the read queue's (direct reads).
     times: list[ChunkTimes] = field(default_factory=list)
 
     def drop(self) -> None:

@@ -3,11 +3,12 @@
 Staged devices (CUDA, ``SimulatedGPU``) read each chunk into a slot of a host staging ring
 (pinned on CUDA; ``LoadParams.staging_bytes`` in all, independent of the model's size) at its
 file offset's position modulo ``STAGING_ALIGN`` and copy it to the device; a slot is refilled
-only after its copy's fence completes. Unstaged devices are read into directly with
-``os.preadv`` by up to ``reader_threads // 2`` lanes for the whole load, each a worker thread
-taking chunk after chunk from one queue in plan order, across unit boundaries, until it is
-empty (``ReadQueue``; cancellation is checked between chunks). Reads run in worker threads
-under one ``CapacityLimiter`` of ``reader_threads``.
+only after its copy's fence completes. A staged unit is read by up to one lane per slot, each a
+worker thread holding one slot and taking chunk after chunk of that unit. Unstaged devices are
+read into directly with ``os.preadv`` by up to ``reader_threads // 2`` lanes for the whole load,
+each a worker thread taking chunk after chunk from one queue in plan order, across unit
+boundaries, until it is empty (``ReadQueue``; cancellation is checked between chunks). Reads run
+in worker threads under one ``CapacityLimiter`` of ``reader_threads``.
 """
 
 from __future__ import annotations
@@ -375,6 +376,10 @@ class StagingRing:
     def nbytes(self) -> int:
         return sum(slot.buffer.numel() for slot in self._slots)
 
+    @property
+    def count(self) -> int:
+        return len(self._slots)
+
     async def acquire(self) -> Slot:
         await self._available.acquire()
         return self._free.popleft()
@@ -447,6 +452,36 @@ class ReadQueue:
                 flight.times.append(times)
             flight.pending -= 1
             return flight.pending == 0
+
+
+class _UnitChunks:
+    """One staged unit's chunks, handed to its lanes in plan order, and what their reads
+    give back (each copy's fence and the chunk's times, into the unit's ``InFlight``).
+    Thread-safe."""
+
+    def __init__(self, flight: InFlight) -> None:
+        self._flight = flight
+        self._next = 0
+        self._failed = False
+        self._lock = threading.Lock()
+
+    def take(self) -> Chunk | None:
+        """The next chunk, or ``None`` when there is none or a read failed (the lane ends)."""
+        with self._lock:
+            chunks = self._flight.chunks
+            if self._failed or self._next >= len(chunks):
+                return None
+            self._next += 1
+            return chunks[self._next - 1]
+
+    def read(self, fence: Fence, times: ChunkTimes) -> None:
+        with self._lock:
+            self._flight.fences.append(fence)
+            self._flight.times.append(times)
+
+    def fail(self) -> None:
+        with self._lock:
+            self._failed = True
 
 
 class _Counted:
@@ -582,34 +617,44 @@ class Reader:
         self._on_filled(flight)
 
     async def _fill(self, flight: InFlight) -> None:
-        """Read and copy every chunk of one unit bound for a staged device."""
+        """Read and copy every chunk of one unit bound for a staged device, by up to one lane
+        per ring slot: a worker thread that holds one slot and reads chunk after chunk of the
+        unit into it, so a unit costs the event loop one round trip per lane, not one per
+        chunk. A unit still ends only when its last chunk has been read."""
         try:
+            ring = await self._ring_for(flight.device)
+            work = _UnitChunks(flight)
             async with anyio.create_task_group() as group:
-                for chunk in flight.chunks:
-                    group.start_soon(self._staged_chunk, flight, chunk)
+                for _ in range(min(ring.count, len(flight.chunks))):
+                    group.start_soon(self._staged_lane, flight, ring, work)
         except Exception as exc:
             flight.error = single(exc)
         finally:
             self._filled(flight)
 
-    async def _staged_chunk(self, flight: InFlight, chunk: Chunk) -> None:
-        ring = await self._ring_for(flight.device)
+    async def _staged_lane(self, flight: InFlight, ring: StagingRing, work: _UnitChunks) -> None:
         slot = await ring.acquire()
         try:
-            fence, times = await anyio.to_thread.run_sync(
-                read_staged,
-                self.files,
-                flight.device,
-                chunk,
-                slot,
-                self._feed,
-                self.direct if flight.direct_io else None,
-                limiter=self._limiter,
+            await anyio.to_thread.run_sync(
+                self._stage_chunks, flight, slot, work, limiter=self._limiter
             )
-            flight.fences.append(fence)
-            flight.times.append(times)
         finally:
             ring.release(slot)
+
+    def _stage_chunks(self, flight: InFlight, slot: Slot, work: _UnitChunks) -> None:
+        """One staged lane (a worker thread): chunk after chunk of the unit through ``slot``
+        until none is left or one failed; cancellation is checked between chunks."""
+        direct = self.direct if flight.direct_io else None
+        while (chunk := work.take()) is not None:
+            anyio.from_thread.check_cancelled()
+            try:
+                fence, times = read_staged(
+                    self.files, flight.device, chunk, slot, self._feed, direct
+                )
+            except BaseException:
+                work.fail()
+                raise
+            work.read(fence, times)
 
     async def _ring_for(self, device: Device) -> StagingRing:
         """The load's staging ring, made on first use in a worker thread (pinning host memory
