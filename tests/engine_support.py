@@ -158,9 +158,10 @@ def sized_gpu(name: str, directory: Path, layers_held: float, *, primary: bool) 
 
 
 # Seconds each copy to a simulated GPU takes where a test acts on ``LayerPlaced(L)`` and
-# expects unit L + 1 already allocated: only unit L + 2 waits for L's placement, so whether
-# L + 1's recheck and allocation come before L's placement is the scheduler's choice; slow
-# copies make L's placement land after them on any machine.
+# expects unit L + 1 already rechecked and allocated (a tenant's steal, a failed allocation's
+# ``Replanned``): only unit L + 2 waits for L's placement, so whether L + 1's recheck and
+# allocation come before L's placement is the scheduler's choice; slow copies make L's
+# placement land after them on any machine.
 SLOW_COPY = 0.005
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -203,9 +204,7 @@ async def test_a_staged_unit_is_read_by_one_lane_per_slot(
     slots = _reader.ring_slots(p, _reader.usable_cpus())
     async with await streamload.load(ckpt, p) as model:
         assert_identical(model.tensors, reference(ckpt), None)
-    per_unit: dict[int, int] = {}
-    for flight, _ in lanes:
-        per_unit[flight] = per_unit.get(flight, 0) + 1
+    per_unit = collections.Counter(unit for unit, _ in lanes)
     assert max(per_unit.values()) <= slots
     assert len(reads) > len(per_unit) * slots >= len(lanes)
     for lane, slot, thread in reads:

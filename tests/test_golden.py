@@ -49,12 +49,14 @@ from streamload.events import Event, LayerPlaced, LoadFinished, PlanComputed
 from streamload.planner import Plan
 from streamload.testing import SimulatedGPU
 from tests.engine_support import (
+    SLOW_COPY,
     assert_identical,
     llama_config,
     llama_tensors,
     params,
     reference,
     sized_gpu,
+    three_way,
     write_checkpoint,
 )
 
@@ -130,29 +132,11 @@ def _unstaged_gpu(ckpt: Path) -> list[Any]:
     return [SimulatedGPU("sim:0", total_bytes=2**30, staged=False)]
 
 
-def _three_way(ckpt: Path) -> list[Any]:
-    """Two simulated GPUs of about 2.5 layers each, then the CPU (layers on all three)."""
-    return [
-        sized_gpu("sim:0", ckpt, 2.5, primary=True),
-        sized_gpu("sim:1", ckpt, 2.5, primary=False),
-        "cpu",
-    ]
-
-
-# Seconds each copy to a simulated GPU takes in the steal and allocation-failure scenarios. A
-# tenant's steal on ``LayerPlaced(L)`` races the next unit's recheck, and a failed allocation's
-# ``Replanned`` the placement of the unit before it, which the engine may run in either order
-# (only unit L + 2 waits for L's placement); slow copies make layer L's placement land after
-# unit L + 1's recheck and allocation on any machine, so the file pins one order, not the
-# scheduler's.
-_STEAL_COPY_DELAY = 0.005
-
-
 def _three_way_slow_copies(ckpt: Path) -> list[Any]:
-    devices = _three_way(ckpt)
-    for gpu in devices[:2]:
-        gpu.copy_delay = _STEAL_COPY_DELAY
-    return devices
+    """``three_way`` with slow copies (``SLOW_COPY``) for the steal and allocation-failure
+    scenarios, so each file pins one order of a placement and the next unit's recheck, not
+    the scheduler's."""
+    return three_way(ckpt, SLOW_COPY)
 
 
 def _gpu_then_cpu(ckpt: Path) -> list[Any]:
@@ -229,7 +213,7 @@ SCENARIOS: dict[str, Scenario] = {
     "gpu_staged": Scenario(_gpu, reads="staged"),
     "gpu_staged_bf16": Scenario(_gpu, dtype=torch.bfloat16),
     "gpu_unstaged": Scenario(_unstaged_gpu),
-    "three_way": Scenario(_three_way),
+    "three_way": Scenario(three_way),
     **{
         f"steal_after_layer_{i}": Scenario(_three_way_slow_copies, hook=_steal_after(i))
         for i in range(LAYERS)
