@@ -4,6 +4,8 @@ fewest that make the rest fit, and the load goes on (DESIGN §5)."""
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -133,6 +135,48 @@ async def test_a_move_whose_allocation_fails_moves_on_further(ckpt: Path) -> Non
     assert moves
     for device in devices[:2]:
         assert device.peak_allocated_bytes <= device.total_bytes()
+
+
+@pytest.fixture
+def no_collector() -> Iterator[None]:
+    """The cyclic garbage collector off for the test: what a failure leaves reachable only
+    through a reference cycle (an exception's traceback and the frames in it) then stays alive,
+    as it does whenever the collector happens not to run before the caller looks."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("where", ["unit", "move"])
+async def test_a_failed_allocation_keeps_none_of_its_tensors(
+    ckpt: Path, no_collector: None, where: str
+) -> None:
+    """An allocation that fails part-way through a layer (its second tensor refused) keeps
+    none of the tensors it already had, collector or not: after the load and ``release()``
+    both GPUs hold nothing. ``unit``: a layer being loaded onto sim:1; ``move``: a placed
+    layer being moved onto sim:1 when a tenant fills sim:0 (slow copies: layer 2's allocation
+    comes before the failing one)."""
+    devices = three_way(ckpt, SLOW_COPY if where == "move" else 0.0)
+    gpu0, gpu1 = devices[0], devices[1]
+    events: list[Event] = []
+    if where == "unit":
+        gpu1.fail_allocations(1, after=1)
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if where == "move" and isinstance(event, LayerPlaced) and event.layer == 1:
+            gpu0.steal(gpu0.free_bytes - LEFT)
+            gpu1.fail_allocations(1, after=1)
+
+    model = await streamload.load(ckpt, params(devices), on_event=on_event)
+    failed = "allocation failed" if where == "unit" else "moving layer 1 failed"
+    assert any(failed in e.reason for e in events if isinstance(e, Replanned))
+    assert_identical(model.tensors, reference(ckpt), None)
+    model.release()
+    assert [0, 0] == [gpu0.allocated_bytes, gpu1.allocated_bytes]
 
 
 async def test_cancelling_during_a_move_releases_everything(ckpt: Path) -> None:

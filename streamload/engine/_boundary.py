@@ -5,7 +5,8 @@ Errors met while a unit is read or placed are translated with that unit's contex
 (``single``: a real error before the cancellations it caused), stripped of the frames that
 could keep device tensors alive (``scrub``) and mapped to what the caller sees (``failure``):
 cancellation and other ``BaseException``s unchanged, ``StreamloadError`` as raised, anything
-else a ``LoadError`` chained to it.
+else a ``LoadError`` chained to it. A device's refusal that the load survives (a re-plan
+follows) is scrubbed the same way where it is caught (``refusal``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import anyio
 from streamload.engine._units import Unit
 from streamload.errors import LoadError, StreamloadError
 
-__all__ = ["failure", "scrub", "single", "translate"]
+__all__ = ["failure", "refusal", "scrub", "single", "translate"]
 
 
 def scrub(exc: BaseException) -> None:
@@ -36,6 +37,17 @@ def scrub(exc: BaseException) -> None:
         pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
         if isinstance(current, BaseExceptionGroup):
             pending.extend(current.exceptions)
+
+
+def refusal(exc: BaseException) -> str:
+    """The first line of a device's refusal (``torch.OutOfMemoryError``), for the reason of the
+    re-plan that follows, with ``exc`` scrubbed first: the tensors the refused allocation had
+    already got are locals of the frames it passed through, and a reference cycle (the
+    exception, those frames, the future it crossed threads in) would keep them on the device
+    until the collector runs, so the retry would meet the device still holding them."""
+    scrub(exc)
+    text = str(exc)
+    return text.splitlines()[0] if text else repr(exc)
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

@@ -411,7 +411,7 @@ class _Load:
                     self._allocate_sync, unit, device, live, parts_left
                 )
             except torch.OutOfMemoryError as exc:
-                reason = f"allocation failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+                reason = f"allocation failed: {_boundary.refusal(exc)}"
                 del exc
                 if live is None:
                     live = await anyio.to_thread.run_sync(budget.live_free, device)

@@ -18,6 +18,7 @@ import anyio.to_thread
 import torch
 
 from streamload.devices import Device
+from streamload.engine._boundary import refusal
 from streamload.engine._budget import Budget
 from streamload.engine._spill import placed_elsewhere, plan_spill, shortfalls
 from streamload.engine._units import Unit
@@ -159,7 +160,7 @@ class Spills:
                     self._move_sync, unit, budget.device(source), budget.device(target)
                 )
             except torch.OutOfMemoryError as exc:
-                reason = f"moving layer {layer} failed: {str(exc).splitlines()[0]}"
+                reason = f"moving layer {layer} failed: {refusal(exc)}"
                 del exc
                 # The layers not moved yet are still where they were; the target has less than
                 # its reading said: re-plan with it holding one layer less than it offers now.
