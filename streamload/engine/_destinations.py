@@ -166,7 +166,8 @@ class Destinations:
     def allocate(self, unit: Unit, device: Device, how: Layout, free_before: int) -> InFlight:
         """``unit``'s tensors on ``device`` laid out ``how``, cut into reads; ``free_before``
         is the device's live free memory read just before. ``torch.OutOfMemoryError`` when
-        the device refuses (nothing of the unit is kept)."""
+        the device refuses (nothing of the unit is kept once the caller has scrubbed the
+        error's frames, ``_boundary.refusal``)."""
         started = time.perf_counter()
         if how.block:
             got = self._block(unit, how)
