@@ -142,12 +142,14 @@ def no_collector() -> Iterator[None]:
     """The cyclic garbage collector off for the test: what a failure leaves reachable only
     through a reference cycle (an exception's traceback and the frames in it) then stays alive,
     as it does whenever the collector happens not to run before the caller looks."""
+    was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 @pytest.mark.parametrize("where", ["unit", "move"])

@@ -31,7 +31,8 @@ __all__ = ["Spills", "move_unit"]
 def move_unit(tensors: dict[str, torch.Tensor], unit: Unit, target: Device) -> tuple[float, int]:
     """Copy ``unit``'s placed tensors in ``tensors`` to ``target`` and put the copies in their
     place (blocking). Returns the seconds it took and the bytes moved. ``torch.OutOfMemoryError``
-    from ``target`` leaves ``tensors`` as they were (the partial copies are dropped)."""
+    from ``target`` leaves ``tensors`` as they were (the partial copies are dropped once the
+    caller has scrubbed the error's frames, ``_boundary.refusal``)."""
     started = time.perf_counter()
     moved: dict[str, torch.Tensor] = {}
     fences = []
