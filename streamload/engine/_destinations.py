@@ -53,7 +53,7 @@ from streamload.params import LoadParams, torch_dtype
 from streamload.planner import SCRATCH_ALIGN
 from streamload.sources import SourceFiles
 
-__all__ = ["Destinations", "Layout", "Transient", "layout"]
+__all__ = ["Destinations", "Layout", "Transient", "faults_ahead", "layout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +68,9 @@ class Layout:
     # Read straight into (not staged) and mostly not in the page cache: the reader gives it
     # more lanes, so reads stay in flight while other lanes fault fresh pages in.
     cold: bool = False
+    # A host block the disk must fill (``faults_ahead``): faulted in ahead of its reads
+    # (``engine/_faults``), in a deeper window (``_load.room_for``).
+    fault_ahead: bool = False
 
 
 def layout(device: Device, params: LoadParams, warm: Callable[[], bool | None]) -> Layout:
@@ -97,6 +100,22 @@ def layout(device: Device, params: LoadParams, warm: Callable[[], bool | None]) 
         huge_pages=huge,
         direct_io=direct,
         cold=cold,
+        fault_ahead=faults_ahead(device, params, warm()),
+    )
+
+
+def faults_ahead(device: Device, params: LoadParams, warm: bool | None) -> bool:
+    """Whether a unit bound for ``device`` is faulted in ahead of its reads (``engine/_faults``)
+    and allocated further ahead (``_load.room_for``): one laid out in a host block (the CPU),
+    read rather than mapped, from a local file mostly not in the page cache (``warm`` is
+    ``False``; ``None``, unknown or an object, is not). Huge pages are left to the copy
+    (``_hostmem.prefault``), so such a unit's huge stretches are not faulted ahead."""
+    return (
+        device.host_memory
+        and not device.is_gpu
+        and not device.staged
+        and params.cpu_policy != "mmap"
+        and warm is False
     )
 
 
@@ -189,6 +208,7 @@ class Destinations:
             got.huge_bytes,
             direct_io=how.direct_io,
             cold=how.cold,
+            fault_ahead=how.fault_ahead,
         )
         flight.allocated = time.perf_counter()
         return flight

@@ -65,6 +65,7 @@ class InFlight:
     huge_bytes: int  # bytes of final tensors given huge pages
     direct_io: bool = False  # read with O_DIRECT where the filesystem allows (``_direct``)
     cold: bool = False  # read by the lanes and mostly not in the page cache (``Layout.cold``)
+    fault_ahead: bool = False  # faulted in ahead of its reads (``Layout.fault_ahead``)
     fences: list[Fence] = field(default_factory=list)
     error: BaseException | None = None
     done: anyio.Event = field(default_factory=anyio.Event)

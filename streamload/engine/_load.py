@@ -6,7 +6,8 @@ allocated (``_allocate``: ``_budget`` decides, ``_destinations`` allocates), rea
 A unit bound for a GPU is not allocated before the unit two before it is placed and its
 ``LayerPlaced`` delivered, so reads of the next layer overlap the copies and conversion of the
 current one while memory readings stay exact; a unit bound for host memory only waits until
-the unit two before it has been read (``_room_for``).
+the unit two before it has been read, one the disk must fill into a host block until the unit
+``COLD_WINDOW`` before it has (``_room_for``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from streamload._api import resolve_source, spec_of
 from streamload.devices import Device, resolve_devices
 from streamload.engine import _boundary
 from streamload.engine._budget import Budget
-from streamload.engine._destinations import Destinations, Layout, layout
+from streamload.engine._destinations import Destinations, Layout, faults_ahead, layout
 from streamload.engine._flight import Completion, InFlight, covered
 from streamload.engine._loaded import LoadedModel
 from streamload.engine._moves import Spills
@@ -289,7 +290,7 @@ class _Load:
                         await anyio.to_thread.run_sync(_release_caches, self.parts.devices)
 
     async def _run(self, started: float) -> LoadedModel:
-        await start_workers(self.params.reader_threads + 2)
+        await start_workers(self.params.reader_threads + 3)  # + fault-ahead, own hops
         self.parts = await _setup(
             self.path, self.params, self.given_spec, lambda flight: self._progress()
         )
@@ -343,14 +344,8 @@ class _Load:
             p.reader.start(flight, group)
 
     def _room_for(self, index: int, unit: Unit) -> bool:
-        """Whether unit ``index`` may be allocated now (``room_for``)."""
-        return room_for(
-            unplaced=index - self.placed,
-            to_gpu=self.p.budget.device_for(unit).is_gpu,
-            reading=sum(1 for flight in self.inflight if not flight.done.is_set()),
-            raw=sum(flight.raw_bytes for flight in self.inflight) + unit.raw_bytes,
-            scratch=self.p.scratch,
-        )
+        """Whether unit ``index`` may be allocated now (``has_room``)."""
+        return has_room(self.p, self.params, self.inflight, index - self.placed, unit)
 
     def _stats(self, device: str) -> _DeviceStats:
         return self.device_stats.setdefault(device, _DeviceStats())
@@ -613,22 +608,51 @@ async def load(
     return await _Load(path, params or LoadParams(), on_event, spec).run()
 
 
-def room_for(*, unplaced: int, to_gpu: bool, reading: int, raw: int, scratch: int) -> bool:
+def has_room(
+    p: _Parts, params: LoadParams, inflight: deque[InFlight], unplaced: int, unit: Unit
+) -> bool:
+    """``room_for`` the next unit, ``unit``, with ``unplaced`` units before it not yet placed
+    and ``inflight`` allocated. Whether the disk must fill it (``COLD_WINDOW``) is the
+    page-cache probe's kept answer (its read-ahead task asked two units before); not asked
+    yet, the unit gets the page cache's window."""
+    device = p.budget.device_for(unit)
+    cold = faults_ahead(device, params, p.page_cache.known(unit))
+    return room_for(
+        unplaced=unplaced,
+        to_gpu=device.is_gpu,
+        reading=sum(1 for flight in inflight if not flight.done.is_set()),
+        raw=sum(flight.raw_bytes for flight in inflight) + unit.raw_bytes,
+        scratch=p.scratch,
+        depth=COLD_WINDOW if cold else 2,
+    )
+
+
+# Units the disk must fill into host blocks that may be read at once: the fault-ahead worker
+# faults in the later ones while the lanes wait on the disk for the earlier ones.
+COLD_WINDOW = 4
+
+
+def room_for(
+    *, unplaced: int, to_gpu: bool, reading: int, raw: int, scratch: int, depth: int = 2
+) -> bool:
     """Whether the next unit may be allocated, with ``unplaced`` units before it not yet
     placed (``reading`` of them still being read, their raw buffers and its own ``raw``
-    bytes): at most two units are being read.
+    bytes): at most ``depth`` units are being read.
 
     A unit bound for a GPU also waits until the unit two before it is placed and its
     ``LayerPlaced`` delivered, so the recheck before it sees that placement (and whatever a
     callback did about it). A unit bound for host memory is rechecked against nothing a
-    placement changes: it is allocated as soon as the unit two before it has been read, while
-    that one's placement is still being reported (at most three units unplaced, their
-    conversion buffers within the scratch the plan left), so the next unit's reads start before
-    the current ones drain; three units read at once cost more system time than they save
+    placement changes: it is allocated as soon as the unit ``depth`` before it has been read,
+    while that one's placement is still being reported (at most ``depth + 1`` units unplaced,
+    their conversion buffers within the scratch the plan left), so the next unit's reads start
+    before the current ones drain. ``depth`` is 2 for units read from the page cache, where
+    three units read at once cost more system time than they save; ``COLD_WINDOW`` for units
+    the disk must fill into a host block, which the fault-ahead worker (``engine/_faults``)
+    faults in while the disk reads the units before them
     (``benchmarks/results/measurements.md``).
     """
     if unplaced < 2:
         return True
-    if unplaced > 2 or to_gpu:
+    if unplaced > depth or to_gpu:
         return False
-    return reading < 2 and raw <= scratch
+    return reading < depth and raw <= scratch

@@ -8,7 +8,8 @@ worker thread holding one slot and taking chunk after chunk of that unit. Unstag
 read into directly with ``os.preadv`` by up to ``reader_threads // 2`` lanes for the whole load,
 each a worker thread taking chunk after chunk from one queue in plan order, across unit
 boundaries, until it is empty (``ReadQueue``; cancellation is checked between chunks). Reads run
-in worker threads under one ``CapacityLimiter`` of ``reader_threads``.
+in worker threads under one ``CapacityLimiter`` of ``reader_threads``. Host blocks the disk must
+fill are faulted in ahead of their reads by one more worker thread (``engine/_faults``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from streamload import _hostmem
 from streamload.devices import Device, Fence
 from streamload.engine._boundary import single
 from streamload.engine._direct import DIRECT_ALIGN, DirectReads, align_up
+from streamload.engine._faults import FaultAhead
 from streamload.engine._flight import ChunkTimes, InFlight
 from streamload.engine._units import (
     STAGING_ALIGN,
@@ -172,7 +174,10 @@ def read_direct(
 ) -> ChunkTimes:
     """Read ``chunk`` straight into its host destinations (blocking), faulting in the 4 KiB
     pages the pieces say (``_hostmem.prefault``) before the bytes arrive: before a file's read,
-    while an object's response is on its way. Returns when the read ran. ``stable``: the
+    while an object's response is on its way; not before an ``O_DIRECT`` read, which faults
+    them in itself a bio at a time, each bio's read under way while the next is faulted in
+    (where a lane faulted the whole chunk first, the disk waited while every lane faulted).
+    Returns when the read ran. ``stable``: the
     destinations keep these bytes after the read (no conversion buffer, which a later unit may
     reuse). A chunk with holes (a strided slice) is never fed to the verifier: its bytes are
     not the file's. ``direct``: with ``O_DIRECT`` where the filesystem allows (chunks without
@@ -185,9 +190,8 @@ def read_direct(
                 _hostmem.prefault(piece.dst[piece.fault_from :])
 
     if direct is not None and not chunk.holes:
-        prefault()
         if not direct.read_pieces(chunk):  # refused: through the page cache, faulted in
-            _read_pieces(files, chunk, None)
+            _read_pieces(files, chunk, prefault)
     else:
         _read_pieces(files, chunk, prefault)
     if feed is not None and not chunk.holes:
@@ -542,6 +546,7 @@ class Reader:
         self._on_filled = on_filled
         self._limiter = anyio.CapacityLimiter(params.reader_threads)
         self._queue = ReadQueue(max(1, params.reader_threads // 2))
+        self.faults = FaultAhead()
         self._ring: StagingRing | None = None
         self._ring_lock = anyio.Lock()
 
@@ -571,6 +576,8 @@ class Reader:
         else:
             for _ in range(self._queue.put(flight, self._lanes(flight))):
                 group.start_soon(self._lane)
+            if flight.fault_ahead and self.faults.put(flight):
+                group.start_soon(self._fault_ahead)
 
     def _lanes(self, flight: InFlight) -> int:
         """Lanes for a unit read straight into its destination: ``reader_threads // 2`` from
@@ -601,7 +608,8 @@ class Reader:
                 os.posix_fadvise(self.files.fd(path), start, end - start, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
-        """Drop the ring, close every file (blocking)."""
+        """Drop the ring, forget the units to fault in, close every file (blocking)."""
+        self.faults.close()
         if self._ring is not None:
             with contextlib.suppress(Exception):
                 self._ring.close()
@@ -673,6 +681,9 @@ class Reader:
     async def _lane(self) -> None:
         await anyio.to_thread.run_sync(self._read_lane, limiter=self._limiter)
 
+    async def _fault_ahead(self) -> None:
+        await anyio.to_thread.run_sync(self.faults.run)
+
     def _read_lane(self) -> None:
         """One reader lane (a worker thread): chunk after chunk from the queue until it is
         empty. Cancellation is checked between chunks; a read error is kept for its unit."""
@@ -730,6 +741,11 @@ class PageCache:
     def __init__(self, files: SourceFiles) -> None:
         self._files = files
         self._warm: dict[int, bool] = {}  # by unit identity: units live as long as the load
+
+    def known(self, unit: Unit) -> bool | None:
+        """``warm``'s kept answer for ``unit``, or ``None`` when it was not asked yet (not
+        blocking)."""
+        return self._warm.get(id(unit))
 
     def warm(self, unit: Unit) -> bool | None:
         """Blocking (reads the page cache's state); the first answer for a unit is kept."""
