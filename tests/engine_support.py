@@ -8,10 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import anyio
 import safetensors.torch
 import torch
 
 import streamload
+from streamload.events import Event, LayerPlaced
 from streamload.testing import SimulatedGPU
 
 HIDDEN = 64
@@ -176,6 +178,35 @@ def three_way(directory: Path, copy_delay: float = 0.0) -> list[Any]:
     for gpu in gpus:
         gpu.copy_delay = copy_delay
     return [*gpus, "cpu"]
+
+
+def evict(directory: Path) -> None:
+    """Drop the checkpoint's files from the page cache (written back first)."""
+    for path in directory.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+async def load_cancelled_after(
+    directory: Path, load_params: streamload.LoadParams, after: int | None
+) -> tuple[bool, list[Event]]:
+    """Load ``directory``, cancelling a cancel scope around the load when ``LayerPlaced`` for
+    layer ``after`` arrives (``None``: the non-mapped parts); whether the scope caught the
+    cancellation, and every event delivered."""
+    events: list[Event] = []
+    with anyio.CancelScope() as scope:
+
+        def on_event(event: Event) -> None:
+            events.append(event)
+            if isinstance(event, LayerPlaced) and event.layer == after:
+                scope.cancel()
+
+        await streamload.load(directory, load_params, on_event=on_event)
+    return scope.cancelled_caught, events
 
 
 def open_fds_under(directory: Path) -> list[str]:

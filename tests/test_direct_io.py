@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 import safetensors.torch
 import torch
@@ -25,12 +24,14 @@ from streamload.engine._destinations import layout
 from streamload.engine._direct import DIRECT_ALIGN, DirectReads
 from streamload.engine._reader import Files, host_view
 from streamload.engine._units import Chunk, Piece
-from streamload.events import DirectIOFallback, Event, LayerPlaced, LoadCancelled
+from streamload.events import DirectIOFallback, Event, LoadCancelled
 from streamload.testing import SimulatedGPU
 from tests.engine_support import (
     assert_identical,
+    evict,
     llama_config,
     llama_tensors,
+    load_cancelled_after,
     open_fds_under,
     params,
     reference,
@@ -168,16 +169,6 @@ async def test_cpu_destinations_take_the_aligned_middle_in_place(
     model.release()
 
 
-def _evict(directory: Path) -> None:
-    for path in directory.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def _warm(directory: Path) -> None:
     for path in directory.glob("*.safetensors"):
         path.read_bytes()
@@ -190,7 +181,7 @@ async def test_auto_reads_cold_staged_units_direct_and_cached_ones_through_the_c
     read with O_DIRECT (most of them: reading the headers brings the kernel's read-ahead of the
     first bytes into the cache, and units found there are copied from it); the same files once
     cached are copied from the cache (no O_DIRECT read)."""
-    _evict(ckpt)
+    evict(ckpt)
     model = await streamload.load(ckpt, params([_device("sim-staged")], direct_io="auto"))
     assert_identical(model.tensors, reference(ckpt), None)
     stored = model.report.stored_bytes
@@ -215,7 +206,7 @@ async def test_auto_reads_cold_host_destinations_direct_and_cached_ones_through_
     """``direct_io="auto"`` reads units bound for host memory (the CPU, an unstaged device)
     with O_DIRECT when their files are evicted (the page cache's pages would be fresh memory
     beside the tensors'), and copies them from the cache once cached."""
-    _evict(ckpt)
+    evict(ckpt)
     model = await streamload.load(ckpt, params([_device(kind)], direct_io="auto"))
     assert_identical(model.tensors, reference(ckpt), None)
     stored = model.report.stored_bytes
@@ -247,7 +238,7 @@ def test_auto_gives_objects_no_direct_layout(kind: str) -> None:
 async def test_auto_leaves_mapped_cpu_units_to_the_page_cache(ckpt: Path, reads: Reads) -> None:
     """``cpu_policy="mmap"`` maps the checkpoint: under ``"auto"`` nothing is read with
     O_DIRECT even cold (the maps' pages come through the page cache)."""
-    _evict(ckpt)
+    evict(ckpt)
     model = await streamload.load(
         ckpt, params([_device("cpu")], direct_io="auto", cpu_policy="mmap")
     )
@@ -282,7 +273,7 @@ async def test_a_refused_o_direct_is_a_warning_only_when_asked_for(
     import structlog.testing
 
     ckpt = write_checkpoint(tmp_path / "ckpt", llama_tensors(LAYERS), llama_config(LAYERS))
-    _evict(ckpt)
+    evict(ckpt)
     monkeypatch.setattr(_direct, "open_direct", _refusing_open([]))
     events: list[Event] = []
     with structlog.testing.capture_logs() as logs:
@@ -372,16 +363,8 @@ async def test_cancelling_a_direct_load_releases_everything(
     O_DIRECT descriptors included)."""
     ckpt = write_checkpoint(tmp_path / "ckpt", llama_tensors(LAYERS), llama_config(LAYERS))
     device = _device(kind)
-    events: list[Event] = []
-    with anyio.CancelScope() as scope:
-
-        def on_event(event: Event) -> None:
-            events.append(event)
-            if isinstance(event, LayerPlaced) and event.layer == after:
-                scope.cancel()
-
-        await streamload.load(ckpt, params([device], direct_io=True), on_event=on_event)
-    assert scope.cancelled_caught
+    cancelled, events = await load_cancelled_after(ckpt, params([device], direct_io=True), after)
+    assert cancelled
     assert isinstance(events[-1], LoadCancelled)
     assert [] == open_fds_under(ckpt)
     if isinstance(device, SimulatedGPU):

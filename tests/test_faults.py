@@ -24,11 +24,13 @@ from streamload.engine._faults import FaultAhead
 from streamload.engine._flight import InFlight
 from streamload.engine._load import COLD_WINDOW, room_for
 from streamload.engine._units import Chunk, Piece
-from streamload.events import Event, LayerPlaced, LoadCancelled
+from streamload.events import LoadCancelled
 from tests.engine_support import (
     assert_identical,
+    evict,
     llama_config,
     llama_tensors,
+    load_cancelled_after,
     open_fds_under,
     params,
     reference,
@@ -200,16 +202,6 @@ def ckpt(tmp_path: Path) -> Path:
     return write_checkpoint(tmp_path / "ckpt", llama_tensors(LAYERS), llama_config(LAYERS))
 
 
-def _evict(directory: Path) -> None:
-    for path in directory.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 class Watch:
     """What a load's orchestrator and fault-ahead worker did: every ``room_for`` answer and
     every ``FaultAhead`` made, with the units put to it."""
@@ -258,7 +250,7 @@ async def test_a_cold_load_to_the_cpu_faults_ahead_in_a_deeper_window(
     which faults their memory in, and are allocated up to ``COLD_WINDOW`` units being read
     at once (never more); the tensors are exact."""
     watch = Watch(monkeypatch)
-    _evict(ckpt)
+    evict(ckpt)
     model = await streamload.load(ckpt, params(["cpu"]))
     assert_identical(model.tensors, reference(ckpt), None)
     stored = model.report.stored_bytes
@@ -298,17 +290,9 @@ async def test_cancelling_a_cold_load_stops_the_worker_and_releases_everything(
     """Cancelled while units are faulted in ahead, the load ends with the worker closed (it
     takes no more units) and no file open."""
     watch = Watch(monkeypatch)
-    _evict(ckpt)
-    events: list[Event] = []
-    with anyio.CancelScope() as scope:
-
-        def on_event(event: Event) -> None:
-            events.append(event)
-            if isinstance(event, LayerPlaced) and event.layer == after:
-                scope.cancel()
-
-        await streamload.load(ckpt, params(["cpu"]), on_event=on_event)
-    assert scope.cancelled_caught
+    evict(ckpt)
+    cancelled, events = await load_cancelled_after(ckpt, params(["cpu"]), after)
+    assert cancelled
     assert isinstance(events[-1], LoadCancelled)
     assert [] == open_fds_under(ckpt)
     assert 1 == len(watch.faults)
