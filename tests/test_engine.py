@@ -36,6 +36,7 @@ from tests.engine_support import (
     assert_identical,
     llama_config,
     llama_tensors,
+    load_cancelled_after,
     open_fds_under,
     params,
     reference,
@@ -389,16 +390,8 @@ async def test_cancellation_after_each_layer_releases_everything(
     """Cancelling the load (cancel scope) after layer ``after`` (``None``: after the non-mapped
     parts) leaves every simulated ledger at zero and no checkpoint file open."""
     devices = three_way(ckpt)
-    events: list[Event] = []
-    with anyio.CancelScope() as scope:
-
-        def on_event(event: Event) -> None:
-            events.append(event)
-            if isinstance(event, LayerPlaced) and event.layer == after:
-                scope.cancel()
-
-        await streamload.load(ckpt, params(devices), on_event=on_event)
-    assert scope.cancelled_caught
+    cancelled, events = await load_cancelled_after(ckpt, params(devices), after)
+    assert cancelled
     assert [0, 0] == [devices[0].allocated_bytes, devices[1].allocated_bytes]
     assert [] == open_fds_under(ckpt)
     assert isinstance(events[-1], LoadCancelled)
@@ -622,10 +615,18 @@ async def test_units_bound_for_host_memory_are_read_ahead_of_a_slow_callback(
 
     monkeypatch.setattr(_load._Load, "_allocate_sync", recording)
     seen: list[list[int | None]] = []
+    want = 2 if target == "cpu" else 1
 
     async def on_event(event: Event) -> None:
         if isinstance(event, LayerPlaced) and event.layer == 0:
-            await anyio.sleep(0.3)  # far longer than reading a few tiny layers
+            # Layer 0 is unit ``parts``: placed units are ``parts``, the callback holds one
+            # more. Wait for the units the window allows (however busy the machine), then a
+            # while longer, in which no further unit may be allocated.
+            parts = allocated.count(None)
+            with anyio.move_on_after(10):
+                while len(allocated) < parts + 1 + want:  # noqa: ASYNC110 - another thread appends
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.2)  # far longer than reading a few tiny layers
             seen.append(list(allocated))
 
     device: Any = "cpu" if target == "cpu" else SimulatedGPU("sim:0", total_bytes=2**30)
@@ -633,9 +634,45 @@ async def test_units_bound_for_host_memory_are_read_ahead_of_a_slow_callback(
     assert_identical(model.tensors, reference(ckpt), None)
     parts = len(allocated) - LAYERS
     assert [None] * parts + list(range(LAYERS)) == allocated
-    # Layer 0 is unit ``parts``: placed units are ``parts``, the callback holds one more.
     ahead = len(seen[0]) - (parts + 1)
-    assert ahead == (2 if target == "cpu" else 1)
+    assert ahead == want
+
+
+async def test_a_slow_callback_does_not_hold_the_next_gpu_units_recheck(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layer 1's recheck comes after layer 0's ``LayerPlaced`` callback has started (forced
+    here). The recheck has no event to deliver, so it does not wait for that callback, and
+    layer 1 is allocated while the callback still holds layer 0's placement."""
+    allocated: list[int | None] = []
+    allocate_sync, allocate = _load._Load._allocate_sync, _load._Load._allocate
+    started = anyio.Event()
+
+    def recording(self: Any, unit: Any, device: Any, live: int, parts_left: int) -> Any:
+        allocated.append(unit.layer)
+        return allocate_sync(self, unit, device, live, parts_left)
+
+    async def after_callback(self: Any, unit: Any, parts_left: int) -> Any:
+        if unit.layer == 1:
+            await started.wait()
+        return await allocate(self, unit, parts_left)
+
+    monkeypatch.setattr(_load._Load, "_allocate_sync", recording)
+    monkeypatch.setattr(_load._Load, "_allocate", after_callback)
+    during: list[bool] = []
+
+    async def on_event(event: Event) -> None:
+        if isinstance(event, LayerPlaced) and event.layer == 0:
+            started.set()
+            with anyio.move_on_after(5):
+                while 1 not in allocated:  # noqa: ASYNC110 - another thread appends to it
+                    await anyio.sleep(0.01)
+            during.append(1 in allocated)
+
+    gpu = SimulatedGPU("sim:0", total_bytes=2**30)
+    model = await streamload.load(ckpt, params([gpu]), on_event=on_event)
+    assert_identical(model.tensors, reference(ckpt), None)
+    assert [True] == during
 
 
 @pytest.mark.parametrize("reader_threads", [3, 8])

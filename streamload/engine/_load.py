@@ -246,7 +246,11 @@ class _Load:
     async def _emit(self, *events: Event) -> None:
         # Placements are reported by a task of their own while the stream allocates (and may
         # re-plan): one event at a time, so a callback never runs alongside itself. Events the
-        # stages made without the load's path get it here (every load event carries it).
+        # stages made without the load's path get it here (every load event carries it). With
+        # none to deliver, no wait: a GPU unit's recheck would otherwise wait for a slow
+        # callback still holding the placement before it.
+        if not events:
+            return
         async with self.emit_lock:
             for event in events:
                 await emit(_stamped(event, str(self.path)), self.on_event)
