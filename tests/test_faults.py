@@ -102,6 +102,29 @@ async def test_faults_every_queued_unit_in_order_a_piece_at_a_time(
     assert faults.put(_flight([(_bytes(10), 0)]))
 
 
+async def test_a_unit_put_as_the_worker_ends_gets_exactly_one_new_worker(
+    faulted: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit put just after the worker found the queue empty (its last look, under the lock)
+    starts one new worker, and the ending worker does not take that one's place: a unit put
+    while the new one runs starts none."""
+    faults = FaultAhead()
+    step = FaultAhead._step
+    answers: list[bool] = []
+
+    def step_then_put(self: FaultAhead) -> bool:
+        more = step(self)
+        if not more and not answers:
+            answers.append(faults.put(_flight([(_bytes(10), 0)])))  # another thread, here
+        return more
+
+    monkeypatch.setattr(FaultAhead, "_step", step_then_put)
+    assert faults.put(_flight([(_bytes(10), 0)]))
+    await anyio.to_thread.run_sync(faults.run)
+    assert [True] == answers  # the caller starts a new worker for it...
+    assert not faults.put(_flight([(_bytes(10), 0)]))  # ...which holds the place
+
+
 async def test_passes_over_units_read_failed_or_dropped(faulted: list[tuple[int, int]]) -> None:
     done, failed, dropped, live = (_bytes(MiB) for _ in range(4))
     flights = [_flight([(t, 0)]) for t in (done, failed, dropped, live)]

@@ -71,10 +71,13 @@ class FaultAhead:
             while True:
                 anyio.from_thread.check_cancelled()
                 if not self._step():
-                    return
-        finally:
+                    return  # ``_step`` let go of the worker's place under the lock
+        except BaseException:
+            # Not in a ``finally``: once ``_step`` has let go, a ``put`` may have started the
+            # next worker, whose place this one must not clear.
             with self._lock:
                 self._running = False
+            raise
 
     def close(self) -> None:
         """Forget every unit (the load is over); a running worker ends at its next piece."""
